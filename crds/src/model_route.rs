@@ -1,0 +1,202 @@
+//! `ModelRoute`: a model name clients can ask for, and how to serve it.
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{CommonStatus, SecretKeyRef};
+
+/// A model name clients can ask for, the backends that serve it, and what to do when they
+/// cannot.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "parley.dev",
+    version = "v1alpha1",
+    kind = "ModelRoute",
+    namespaced,
+    status = "ModelRouteStatus",
+    shortname = "mr",
+    category = "parley",
+    doc = "A model name clients can ask for, and the backends, retries, fallbacks and prices that serve it.",
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
+    printcolumn(name = "Backends", type_ = "integer", json_path = ".status.backends"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("!has(self.model) || !has(self.fallbacks) || !(self.model in self.fallbacks)").message("spec.fallbacks must not name the route's own model").field_path(".fallbacks"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRouteSpec {
+    /// The model name clients send. Defaults to `metadata.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub model: Option<String>,
+    /// Upstream backends serving this model; traffic is split among them by weight.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub backends: Vec<Backend>,
+    /// Other models tried, in order, when this one cannot serve (followed transitively).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub fallbacks: Vec<String>,
+    /// Attempts on this model before falling back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    /// Per-backend circuit breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Output tokens used when a request sets no `max_tokens` (4096 when unset): sent
+    /// upstream where the provider needs it, and reserved by limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_output_tokens: Option<u32>,
+    /// Prices in USD per million tokens, as decimal strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+    /// Exact-match response cache for requests with `temperature: 0` (absent = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+}
+
+/// An upstream LLM API endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Backend {
+    /// Unique name of the backend within the route.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The API the backend speaks.
+    pub provider: Provider,
+    /// Base URL including the version segment, e.g. `https://api.openai.com/v1`; the gateway
+    /// appends `/chat/completions` (openai) or `/messages` (anthropic).
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub base_url: String,
+    /// Model name sent upstream. Defaults to the route's model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub upstream_model: Option<String>,
+    /// The provider API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Share of traffic (default 1). 0 means: only used when the others are unavailable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub weight: Option<u32>,
+    /// Timeouts of a call to this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+}
+
+/// The wire API an upstream speaks.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Any OpenAI-compatible chat completions API.
+    Openai,
+    /// The Anthropic Messages API.
+    Anthropic,
+}
+
+/// Timeouts in milliseconds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// TCP and TLS connect timeout [2000].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600_000))]
+    pub connect_ms: Option<u64>,
+    /// Time allowed until the response headers (non-stream) or first token (stream) [30000].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3_600_000))]
+    pub first_token_ms: Option<u64>,
+    /// Time allowed for the whole call [300000].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3_600_000))]
+    pub total_ms: Option<u64>,
+}
+
+/// Retries on one model, with exponential backoff and jitter.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.initialBackoffMs) || !has(self.maxBackoffMs) || self.initialBackoffMs <= self.maxBackoffMs").message("retry.initialBackoffMs must not exceed retry.maxBackoffMs"))]
+#[serde(rename_all = "camelCase")]
+pub struct Retry {
+    /// All attempts on this model, the first included [2].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: Option<u32>,
+    /// Backoff before the second attempt [100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 600_000))]
+    pub initial_backoff_ms: Option<u64>,
+    /// Longest backoff between attempts [2000].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 600_000))]
+    pub max_backoff_ms: Option<u64>,
+}
+
+/// A per-backend circuit breaker counting 5xx answers, timeouts and connection errors.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Consecutive failures that open the breaker [5].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub failure_threshold: Option<u32>,
+    /// Seconds the breaker stays open before one probe request [30].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub open_seconds: Option<u64>,
+}
+
+/// Prices in USD per million tokens.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Pricing {
+    /// USD per million input tokens, e.g. "2.50".
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
+    pub input_per_million_tokens: String,
+    /// USD per million output tokens, e.g. "10.00".
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
+    pub output_per_million_tokens: String,
+}
+
+/// Exact-match response cache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Cache {
+    /// Seconds a cached response is served [300].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604_800))]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// Observed state of a ModelRoute.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRouteStatus {
+    /// Generation and conditions.
+    #[serde(flatten)]
+    pub common: CommonStatus,
+    /// Number of backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backends: Option<u32>,
+}
+
+impl ModelRoute {
+    /// The model name clients send: `spec.model`, or `metadata.name`.
+    pub fn model_name(&self) -> &str {
+        match &self.spec.model {
+            Some(model) => model,
+            None => self.metadata.name.as_deref().unwrap_or_default(),
+        }
+    }
+}
