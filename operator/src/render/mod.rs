@@ -1,0 +1,282 @@
+//! `render`: specs in, objects out, no I/O.
+//!
+//! Given a Chatbot, the ModelRoutes and Tenants of its namespace, and which Secret keys
+//! exist, [`render`] returns every object the Chatbot owns, or every problem that stops it.
+//! Output is deterministic: the same input gives byte-identical YAML, in a stable order.
+
+mod config;
+mod problems;
+mod workload;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use kube::core::{Selector, SelectorExt};
+use parley_crds::{Chatbot, ModelRoute, Tenant};
+use serde::Serialize;
+
+pub use problems::{Problem, Severity};
+
+/// Where the gateway pods find the ConfigMap.
+pub const CONFIG_DIR: &str = "/etc/parley";
+/// The ConfigMap key holding the GatewayConfig.
+pub const CONFIG_KEY: &str = "config.yaml";
+/// Where every referenced Secret key is mounted: `<dir>/<secret>/<key>`.
+pub const SECRETS_DIR: &str = "/var/run/parley/secrets";
+/// The chat API port inside the pod.
+pub const HTTP_PORT: i32 = 8080;
+/// The admin port (`/healthz`, `/readyz`, `/metrics`) inside the pod.
+pub const ADMIN_PORT: i32 = 9090;
+/// The largest GatewayConfig a ConfigMap may carry (ConfigMaps stop at 1 MiB).
+pub const MAX_CONFIG_BYTES: usize = 900 * 1024;
+/// Field manager and `app.kubernetes.io/managed-by` value.
+pub const MANAGER: &str = "parley-operator";
+
+/// Which keys exist in which Secrets of the namespace: Secret name -> key names. Values
+/// never reach `render`.
+pub type SecretKeys = BTreeMap<String, BTreeSet<String>>;
+
+/// Everything `render` reads.
+#[derive(Clone, Copy, Debug)]
+pub struct RenderInput<'a> {
+    /// The Chatbot to render.
+    pub chatbot: &'a Chatbot,
+    /// ModelRoutes of the Chatbot's namespace (render applies the selector).
+    pub model_routes: &'a [ModelRoute],
+    /// Tenants of the Chatbot's namespace (render applies the selector).
+    pub tenants: &'a [Tenant],
+    /// Secret keys that exist in the namespace.
+    pub secrets: &'a SecretKeys,
+    /// Image used when the Chatbot names none (the operator's `--gateway-image`).
+    pub default_image: &'a str,
+}
+
+/// The objects of one Chatbot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    /// ServiceAccount `<cb>-gateway`.
+    pub service_account: ServiceAccount,
+    /// ConfigMap `<cb>-gateway` with the GatewayConfig.
+    pub config_map: ConfigMap,
+    /// Deployment `<cb>-gateway`.
+    pub deployment: Deployment,
+    /// Service `<cb>-gateway`.
+    pub service: Service,
+    /// HorizontalPodAutoscaler, when autoscaling is set.
+    pub autoscaler: Option<HorizontalPodAutoscaler>,
+    /// PodDisruptionBudget, when two or more replicas can run.
+    pub disruption_budget: Option<PodDisruptionBudget>,
+    /// SHA-256 (hex) of the GatewayConfig text.
+    pub config_hash: String,
+    /// Names of the selected models, sorted.
+    pub models: Vec<String>,
+    /// Ids (`namespace/name`) of the selected tenants, sorted.
+    pub tenants: Vec<String>,
+    /// Problems that did not stop rendering.
+    pub warnings: Vec<Problem>,
+}
+
+impl Rendered {
+    /// Every object as a JSON value, in apply order.
+    pub fn objects(&self) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+        fn push<T: Serialize>(
+            out: &mut Vec<serde_json::Value>,
+            object: &T,
+        ) -> Result<(), serde_json::Error> {
+            out.push(serde_json::to_value(object)?);
+            Ok(())
+        }
+        let mut out = Vec::with_capacity(6);
+        push(&mut out, &self.service_account)?;
+        push(&mut out, &self.config_map)?;
+        push(&mut out, &self.deployment)?;
+        push(&mut out, &self.service)?;
+        if let Some(hpa) = &self.autoscaler {
+            push(&mut out, hpa)?;
+        }
+        if let Some(pdb) = &self.disruption_budget {
+            push(&mut out, pdb)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Why a Chatbot could not be rendered: every error found, and the warnings.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{} problem(s) in Chatbot {}", .problems.iter().filter(|p| p.severity == Severity::Error).count(), .chatbot)]
+pub struct RenderError {
+    /// `namespace/name` of the Chatbot.
+    pub chatbot: String,
+    /// Errors and warnings, errors first.
+    pub problems: Vec<Problem>,
+}
+
+/// Renders the objects of `input.chatbot`.
+pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
+    let chatbot = input.chatbot;
+    let mut problems = Vec::new();
+    let routes = select_routes(input, &mut problems);
+    let tenants = select_tenants(input, &mut problems);
+    problems::check(input, &routes, &tenants, &mut problems);
+
+    let gateway_config = config::gateway_config(input, &routes, &tenants);
+    let config_text = match gateway_config.to_yaml() {
+        Ok(text) => text,
+        Err(e) => {
+            problems.push(Problem::error(
+                chatbot_ref(chatbot),
+                "spec",
+                format!("cannot serialise the GatewayConfig: {e}"),
+            ));
+            String::new()
+        }
+    };
+    if config_text.len() > MAX_CONFIG_BYTES {
+        problems.push(Problem::error(
+            chatbot_ref(chatbot),
+            "spec",
+            format!(
+                "ConfigTooLarge: the GatewayConfig is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit of a ConfigMap; select fewer ModelRoutes or Tenants",
+                config_text.len()
+            ),
+        ));
+    }
+    if problems.iter().any(|p| p.severity == Severity::Error) {
+        problems.sort_by_key(|p| p.severity);
+        return Err(RenderError {
+            chatbot: namespaced_name(chatbot),
+            problems,
+        });
+    }
+
+    let config_hash = config::hash(&config_text);
+    let objects = workload::Workload::new(input, &routes, &tenants, &gateway_config);
+    Ok(Rendered {
+        service_account: objects.service_account(),
+        config_map: objects.config_map(config_text),
+        deployment: objects.deployment(),
+        service: objects.service(),
+        autoscaler: objects.autoscaler(),
+        disruption_budget: objects.disruption_budget(),
+        config_hash,
+        models: gateway_config
+            .models
+            .iter()
+            .map(|m| m.name.clone())
+            .collect(),
+        tenants: gateway_config
+            .tenants
+            .iter()
+            .map(|t| t.id.clone())
+            .collect(),
+        warnings: problems,
+    })
+}
+
+/// `Kind/namespace/name` of an object, as problems name it.
+fn object_ref<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
+    format!("{}/{}", K::kind(&()), namespaced_name(object))
+}
+
+fn chatbot_ref(chatbot: &Chatbot) -> String {
+    object_ref(chatbot)
+}
+
+fn namespaced_name<K: kube::Resource>(object: &K) -> String {
+    format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
+}
+
+/// Applies a selector; an absent selector matches everything.
+fn selector_matches(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, String> {
+    match selector {
+        None => Ok(true),
+        Some(selector) => {
+            let selector = Selector::try_from(selector.clone()).map_err(|e| e.to_string())?;
+            Ok(selector.matches(labels))
+        }
+    }
+}
+
+fn same_namespace<K: kube::Resource>(a: &K, chatbot: &Chatbot) -> bool {
+    a.meta().namespace == chatbot.metadata.namespace
+}
+
+fn select_routes<'a>(input: &RenderInput<'a>, problems: &mut Vec<Problem>) -> Vec<&'a ModelRoute> {
+    let chatbot = input.chatbot;
+    let selector = chatbot.spec.model_selector.as_ref();
+    let mut selected = Vec::new();
+    for route in input
+        .model_routes
+        .iter()
+        .filter(|r| same_namespace(*r, chatbot))
+    {
+        match selector_matches(selector, route.labels()) {
+            Ok(true) => selected.push(route),
+            Ok(false) => {}
+            Err(e) => {
+                problems.push(Problem::error(
+                    chatbot_ref(chatbot),
+                    "spec.modelSelector",
+                    e,
+                ));
+                return Vec::new();
+            }
+        }
+    }
+    selected.sort_by(|a, b| {
+        a.model_name()
+            .cmp(b.model_name())
+            .then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+    if selected.is_empty() {
+        problems.push(Problem::error(
+            chatbot_ref(chatbot),
+            "spec.modelSelector",
+            "selects no ModelRoute in the namespace: the gateway would have no model to serve",
+        ));
+    }
+    selected
+}
+
+fn select_tenants<'a>(input: &RenderInput<'a>, problems: &mut Vec<Problem>) -> Vec<&'a Tenant> {
+    let chatbot = input.chatbot;
+    let selector = chatbot.spec.tenant_selector.as_ref();
+    let mut selected = Vec::new();
+    for tenant in input.tenants.iter().filter(|t| same_namespace(*t, chatbot)) {
+        match selector_matches(selector, tenant.labels()) {
+            Ok(true) => selected.push(tenant),
+            Ok(false) => {}
+            Err(e) => {
+                problems.push(Problem::error(
+                    chatbot_ref(chatbot),
+                    "spec.tenantSelector",
+                    e,
+                ));
+                return Vec::new();
+            }
+        }
+    }
+    selected.sort_by_key(|t| t.name_any());
+    if selected.is_empty() && !problems.iter().any(|p| p.field == "spec.tenantSelector") {
+        problems.push(Problem::warning(
+            chatbot_ref(chatbot),
+            "spec.tenantSelector",
+            "selects no Tenant in the namespace: every request will be refused with 401",
+        ));
+    }
+    selected
+}
+
+#[cfg(test)]
+mod tests;
