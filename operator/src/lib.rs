@@ -6,3 +6,14 @@
 
 pub mod manifests;
 pub mod render;
+
+/// Every CRD as one multi-document YAML stream: what `parley-operator crds` prints and what
+/// is committed under `config/crd/` and `charts/parley/crds/`.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for crd in parley_crds::crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}

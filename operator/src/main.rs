@@ -61,11 +61,8 @@ fn main() -> ExitCode {
 }
 
 fn print_crds() -> anyhow::Result<ExitCode> {
-    let mut out = std::io::stdout().lock();
-    for crd in parley_crds::crds() {
-        let yaml = serde_yaml::to_string(&crd).context("serialising a CRD")?;
-        write!(out, "---\n{yaml}")?;
-    }
+    let yaml = parley_operator::crds_yaml().context("serialising the CRDs")?;
+    std::io::stdout().lock().write_all(yaml.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -121,9 +118,7 @@ fn render_files(files: &[PathBuf], gateway_image: &str) -> anyhow::Result<ExitCo
                 out,
                 "# Objects carrying secret values are not printed: none for this Chatbot."
             )?;
-            for object in rendered.objects()? {
-                write!(out, "---\n{}", serde_yaml::to_string(&object)?)?;
-            }
+            write!(out, "{}", rendered.to_yaml()?)?;
         }
     }
     if errors > 0 {

@@ -105,6 +105,29 @@ impl Rendered {
     }
 }
 
+impl Rendered {
+    /// Every object as one multi-document YAML stream (`---` before each document).
+    pub fn to_yaml(&self) -> Result<String, RenderOutputError> {
+        let mut out = String::new();
+        for object in self.objects()? {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&object)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Rendered objects could not be serialised (a bug, not bad input).
+#[derive(Debug, thiserror::Error)]
+pub enum RenderOutputError {
+    /// To JSON.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// To YAML.
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml::Error),
+}
+
 /// Why a Chatbot could not be rendered: every error found, and the warnings.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("{} problem(s) in Chatbot {}", .problems.iter().filter(|p| p.severity == Severity::Error).count(), .chatbot)]

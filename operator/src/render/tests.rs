@@ -1,1 +1,326 @@
-//! Render unit tests.
+//! Unit tests of `render`: each problem it reports, and the shape of what it renders.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use parley_crds::{Chatbot, ModelRoute, Tenant};
+
+use super::*;
+
+fn parse<T: for<'de> serde::Deserialize<'de>>(yaml: &str) -> T {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn route(name: &str, fallbacks: &[&str]) -> ModelRoute {
+    parse(&format!(
+        r#"
+apiVersion: parley.dev/v1alpha1
+kind: ModelRoute
+metadata: {{name: {name}, namespace: ns}}
+spec:
+  backends:
+  - {{name: primary, provider: openai, baseUrl: "http://upstream/v1", apiKeySecretRef: {{name: llm, key: k}}}}
+  fallbacks: {fallbacks:?}
+"#
+    ))
+}
+
+fn tenant(name: &str, extra: &str) -> Tenant {
+    parse(&format!(
+        "apiVersion: parley.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{{extra}}}\n"
+    ))
+}
+
+fn chatbot(name: &str, extra: &str) -> Chatbot {
+    parse(&format!(
+        "apiVersion: parley.dev/v1alpha1\nkind: Chatbot\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  defaultModel: a\n{extra}"
+    ))
+}
+
+fn secrets() -> SecretKeys {
+    BTreeMap::from([
+        ("llm".to_string(), BTreeSet::from(["k".to_string()])),
+        ("redis".to_string(), BTreeSet::from(["url".to_string()])),
+    ])
+}
+
+fn run(cb: &Chatbot, routes: &[ModelRoute], tenants: &[Tenant]) -> Result<Rendered, RenderError> {
+    let secrets = secrets();
+    render(&RenderInput {
+        chatbot: cb,
+        model_routes: routes,
+        tenants,
+        secrets: &secrets,
+        default_image: "img:1",
+    })
+}
+
+fn errors(result: Result<Rendered, RenderError>) -> Vec<Problem> {
+    let err = result.expect_err("render should have failed");
+    err.problems
+        .into_iter()
+        .filter(|p| p.severity == Severity::Error)
+        .collect()
+}
+
+fn assert_one_error(problems: &[Problem], object: &str, field: &str, needle: &str) {
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.object == object && p.field == field && p.message.contains(needle)),
+        "no error on {object} {field} containing {needle:?} in {problems:#?}"
+    );
+}
+
+#[test]
+fn renders_a_minimal_chatbot() {
+    let rendered = run(&chatbot("bot", ""), &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    assert_eq!(rendered.models, vec!["a"]);
+    assert_eq!(rendered.tenants, vec!["ns/t"]);
+    assert!(rendered.autoscaler.is_none());
+    assert!(rendered.disruption_budget.is_none(), "one replica: no PDB");
+    let deployment = rendered.deployment.spec.unwrap();
+    assert_eq!(deployment.replicas, Some(1));
+    let pod = deployment.template.spec.unwrap();
+    assert_eq!(pod.containers[0].image.as_deref(), Some("img:1"));
+}
+
+#[test]
+fn fallback_cycle_is_an_error() {
+    let routes = [route("a", &["b"]), route("b", &["c"]), route("c", &["a"])];
+    let problems = errors(run(&chatbot("bot", ""), &routes, &[tenant("t", "")]));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.fallbacks",
+        "a -> b -> c -> a",
+    );
+}
+
+#[test]
+fn fallback_to_unselected_model_is_an_error() {
+    let problems = errors(run(
+        &chatbot("bot", ""),
+        &[route("a", &["x", "missing"])],
+        &[tenant("t", "")],
+    ));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.fallbacks[0]",
+        "\"x\" is not a model selected",
+    );
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.fallbacks[1]",
+        "\"missing\"",
+    );
+}
+
+#[test]
+fn default_model_must_be_selected() {
+    let problems = errors(run(
+        &chatbot("bot", ""),
+        &[route("b", &[])],
+        &[tenant("t", "")],
+    ));
+    assert_one_error(
+        &problems,
+        "Chatbot/ns/bot",
+        "spec.defaultModel",
+        "\"a\" is not a selected model",
+    );
+}
+
+#[test]
+fn two_routes_for_one_model_is_an_error() {
+    let mut second = route("a-copy", &[]);
+    second.spec.model = Some("a".into());
+    let problems = errors(run(
+        &chatbot("bot", ""),
+        &[route("a", &[]), second],
+        &[tenant("t", "")],
+    ));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a-copy",
+        "spec.model",
+        "already served by ModelRoute a",
+    );
+}
+
+#[test]
+fn model_selector_matching_nothing_is_an_error() {
+    let cb = chatbot("bot", "  modelSelector: {matchLabels: {team: nobody}}\n");
+    let problems = errors(run(&cb, &[route("a", &[])], &[tenant("t", "")]));
+    assert_one_error(
+        &problems,
+        "Chatbot/ns/bot",
+        "spec.modelSelector",
+        "selects no ModelRoute",
+    );
+}
+
+#[test]
+fn routes_of_other_namespaces_are_not_selected() {
+    let mut other = route("a", &[]);
+    other.metadata.namespace = Some("elsewhere".into());
+    let problems = errors(run(&chatbot("bot", ""), &[other], &[tenant("t", "")]));
+    assert_one_error(
+        &problems,
+        "Chatbot/ns/bot",
+        "spec.modelSelector",
+        "selects no ModelRoute",
+    );
+}
+
+#[test]
+fn several_replicas_need_redis() {
+    for extra in [
+        "  gateway: {replicas: 3}\n",
+        "  gateway: {autoscaling: {minReplicas: 1, maxReplicas: 4}}\n",
+    ] {
+        let problems = errors(run(
+            &chatbot("bot", extra),
+            &[route("a", &[])],
+            &[tenant("t", "")],
+        ));
+        assert_one_error(&problems, "Chatbot/ns/bot", "spec.redis", "no Redis is set");
+    }
+    let cb = chatbot(
+        "bot",
+        "  gateway: {replicas: 3}\n  redis: {urlSecretRef: {name: redis, key: url}}\n",
+    );
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    assert!(rendered.disruption_budget.is_some());
+}
+
+#[test]
+fn missing_secret_and_missing_key_are_errors() {
+    let mut r = route("a", &[]);
+    r.spec.backends[0].api_key_secret_ref = Some(parley_crds::common::SecretKeyRef {
+        name: "llm".into(),
+        key: "nope".into(),
+    });
+    let t = tenant("t", "apiKeys: [{secretRef: {name: gone, key: api-key}}]");
+    let problems = errors(run(&chatbot("bot", ""), &[r], &[t]));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.backends[0].apiKeySecretRef",
+        "has no key \"nope\"",
+    );
+    assert_one_error(
+        &problems,
+        "Tenant/ns/t",
+        "spec.apiKeys[0].secretRef",
+        "Secret \"gone\" does not exist",
+    );
+}
+
+#[test]
+fn generated_tenant_key_may_be_missing_and_is_mounted_optional() {
+    let rendered = run(&chatbot("bot", ""), &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    let pod = rendered.deployment.spec.unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "secrets")
+        .unwrap();
+    let sources = volume.projected.unwrap().sources.unwrap();
+    let generated = sources
+        .iter()
+        .filter_map(|s| s.secret.as_ref())
+        .find(|s| s.name == "t-api-key")
+        .unwrap();
+    assert_eq!(generated.optional, Some(true));
+    let llm = sources
+        .iter()
+        .filter_map(|s| s.secret.as_ref())
+        .find(|s| s.name == "llm")
+        .unwrap();
+    assert_eq!(llm.optional, None);
+}
+
+#[test]
+fn tenant_selector_matching_nothing_is_a_warning() {
+    let cb = chatbot("bot", "  tenantSelector: {matchLabels: {team: nobody}}\n");
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    assert!(rendered.tenants.is_empty());
+    assert!(
+        rendered
+            .warnings
+            .iter()
+            .any(|w| w.severity == Severity::Warning && w.field == "spec.tenantSelector"),
+        "{:?}",
+        rendered.warnings
+    );
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let cb = chatbot("bot", "  gateway: {replicas: 2}\n");
+    let problems = errors(run(&cb, &[route("b", &["zzz"])], &[tenant("t", "")]));
+    assert!(problems.len() >= 3, "{problems:#?}");
+}
+
+#[test]
+fn long_chatbot_names_give_valid_child_names() {
+    let name = "c".repeat(63);
+    let rendered = run(&chatbot(&name, ""), &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    for object in rendered.objects().unwrap() {
+        let meta = &object["metadata"];
+        let child = meta["name"].as_str().unwrap();
+        assert!(child.len() <= 63, "{child}");
+        for value in meta["labels"].as_object().unwrap().values() {
+            assert!(value.as_str().unwrap().len() <= 63, "{value}");
+        }
+    }
+    assert_eq!(
+        rendered.deployment.metadata.name,
+        rendered.service.metadata.name
+    );
+}
+
+#[test]
+fn render_is_deterministic() {
+    let routes = [route("b", &[]), route("a", &["b"])];
+    let tenants = [tenant("z", ""), tenant("y", "")];
+    let first = run(&chatbot("bot", ""), &routes, &tenants)
+        .unwrap()
+        .to_yaml()
+        .unwrap();
+    let reversed_routes = [route("a", &["b"]), route("b", &[])];
+    let reversed_tenants = [tenant("y", ""), tenant("z", "")];
+    let second = run(&chatbot("bot", ""), &reversed_routes, &reversed_tenants)
+        .unwrap()
+        .to_yaml()
+        .unwrap();
+    assert_eq!(first, second, "input order must not change the output");
+}
+
+#[test]
+fn autoscaling_leaves_replicas_to_the_hpa() {
+    let cb = chatbot(
+        "bot",
+        "  gateway: {autoscaling: {minReplicas: 2, maxReplicas: 5}}\n  redis: {urlSecretRef: {name: redis, key: url}}\n",
+    );
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    assert_eq!(rendered.deployment.spec.as_ref().unwrap().replicas, None);
+    let hpa = rendered.autoscaler.unwrap().spec.unwrap();
+    assert_eq!((hpa.min_replicas, hpa.max_replicas), (Some(2), 5));
+}
+
+#[test]
+fn termination_grace_outlasts_the_longest_call() {
+    let mut r = route("a", &[]);
+    r.spec.backends[0].timeouts = Some(parley_crds::model_route::Timeouts {
+        total_ms: Some(600_000),
+        ..Default::default()
+    });
+    let rendered = run(&chatbot("bot", ""), &[r], &[tenant("t", "")]).unwrap();
+    let pod = rendered.deployment.spec.unwrap().template.spec.unwrap();
+    assert!(pod.termination_grace_period_seconds.unwrap() > 600);
+}
