@@ -1,1 +1,3 @@
-//! placeholder
+//! Parley's end-to-end test support.
+
+pub mod mock_llm;
