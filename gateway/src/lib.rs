@@ -1,1 +1,105 @@
-//! placeholder
+//! `parley-gateway`: Parley's data plane, an OpenAI- and Anthropic-compatible LLM gateway
+//! with tenant keys, limits, routing with retries, fallbacks and circuit breaking, and
+//! translation between the two API formats.
+
+pub mod breaker;
+pub mod cache;
+pub mod error;
+pub mod handlers;
+pub mod limits;
+pub mod metrics;
+pub mod proxy;
+pub mod reload;
+pub mod runtime;
+pub mod server;
+pub mod sessions;
+pub mod state;
+pub mod translate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+pub use state::AppState;
+
+/// Builds the process state from a config file (refusing an invalid one).
+pub fn init(config_path: PathBuf) -> Result<Arc<AppState>, Vec<String>> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let shared = runtime::Shared::new(Arc::clone(&metrics)).map_err(|e| vec![e])?;
+    let rt = match reload::load(&config_path, &shared) {
+        Ok(rt) => rt,
+        Err(problems) => {
+            metrics
+                .reloads
+                .get_or_create(&metrics::ResultLabel { result: "failure" })
+                .inc();
+            return Err(problems);
+        }
+    };
+    let state = Arc::new(AppState {
+        runtime: ArcSwap::from_pointee(rt),
+        shared,
+        metrics,
+        limiter: Arc::new(limits::MemoryLimiter::default()),
+        sessions: Arc::new(sessions::MemorySessions::default()),
+        cache: cache::ResponseCache::default(),
+        draining: AtomicBool::new(false),
+        config_path,
+    });
+    let rt = state.runtime.load_full();
+    reload::record_loaded(&state, &rt);
+    Ok(state)
+}
+
+/// Options of a running gateway.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// How long in-flight requests may take after SIGTERM.
+    pub drain: Duration,
+    /// Config poll interval (backs up the file watcher).
+    pub poll: Duration,
+}
+
+/// Runs both listeners until `shutdown` is cancelled, then drains.
+pub async fn run(
+    state: Arc<AppState>,
+    chat: tokio::net::TcpListener,
+    admin: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+    opts: ServeOptions,
+) {
+    let watch_stop = CancellationToken::new();
+    let watcher = tokio::spawn(reload::watch(
+        Arc::clone(&state),
+        watch_stop.clone(),
+        opts.poll,
+    ));
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(server::serve(
+        admin,
+        server::admin_router(Arc::clone(&state)),
+        admin_stop.clone(),
+        Duration::from_secs(1),
+    ));
+    let st = Arc::clone(&state);
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        sd.cancelled().await;
+        server::start_draining(&st);
+    });
+    server::serve(
+        chat,
+        server::chat_router(Arc::clone(&state)),
+        shutdown,
+        opts.drain,
+    )
+    .await;
+    watch_stop.cancel();
+    admin_stop.cancel();
+    let _ = watcher.await;
+    let _ = admin_task.await;
+}

@@ -1,0 +1,630 @@
+//! Admission limits: tenant requests per minute/hour/day, tokens per minute, per-model
+//! quotas, per-session requests per minute and the monthly budget.
+//!
+//! [`Limiter`] is the seam for the Redis implementation (a later issue); this file holds
+//! the in-process one. A per-minute limit of N admits at most N requests in any 60 s
+//! (an exact sliding log); hour and day limits count in sixty sub-windows. Tokens and
+//! cost are reserved at admission and settled to real usage afterwards.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use parley_crds::gateway_config::{ModelQuotaConfig, RateLimitConfig};
+
+/// What a request asks the limiter for.
+#[derive(Debug, Clone)]
+pub struct LimitRequest<'a> {
+    /// Tenant id.
+    pub tenant: &'a str,
+    /// Tenant-wide limits.
+    pub rate_limit: Option<&'a RateLimitConfig>,
+    /// The tenant's quota on the requested model.
+    pub quota: Option<&'a ModelQuotaConfig>,
+    /// The requested model.
+    pub model: &'a str,
+    /// `(session id, requests per minute)` for `/chat`.
+    pub session: Option<(&'a str, u64)>,
+    /// Tokens reserved (prompt estimate + max output).
+    pub tokens: u64,
+    /// Monthly budget in micro-USD, if any.
+    pub budget_micros: Option<i64>,
+    /// Cost reserved in micro-USD.
+    pub cost_micros: i64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `true`: budget (402); `false`: a rate limit (429).
+    pub budget: bool,
+    /// Names the limit.
+    pub message: String,
+    /// Whole seconds until it could pass.
+    pub retry_after: u64,
+    /// The limit that refused.
+    pub limit: u64,
+    /// `requests` or `tokens`.
+    pub unit: &'static str,
+}
+
+/// What was reserved; hand it back to [`Limiter::settle`].
+#[derive(Debug, Clone, Default)]
+pub struct Reservation {
+    tenant: String,
+    model: String,
+    seq: u64,
+    tokens: u64,
+    cost_micros: i64,
+    month: u32,
+}
+
+/// Admission limits, in process or shared (Redis).
+pub trait Limiter: Send + Sync + 'static {
+    /// Admits (reserving tokens and cost) or refuses a request; every scope is checked
+    /// and only an admitted request is counted.
+    fn admit(
+        &self,
+        req: &LimitRequest<'_>,
+    ) -> impl Future<Output = Result<Reservation, Refusal>> + Send;
+    /// Replaces the reservation with what was really used.
+    fn settle(
+        &self,
+        reservation: Reservation,
+        tokens: u64,
+        cost_micros: i64,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Exact sliding log of request times.
+#[derive(Debug, Default)]
+struct RequestLog {
+    times: VecDeque<Instant>,
+}
+
+impl RequestLog {
+    fn evict(&mut self, now: Instant, window: Duration) {
+        while let Some(&t) = self.times.front() {
+            if now.duration_since(t) >= window {
+                self.times.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+    /// `Err(seconds)` if one more would exceed `limit`.
+    fn check(&mut self, now: Instant, window: Duration, limit: u64) -> Result<(), u64> {
+        self.evict(now, window);
+        if (self.times.len() as u64) < limit {
+            return Ok(());
+        }
+        // The request can pass once the entry that makes the log full leaves the window.
+        let idx = (self.times.len() as u64 - limit) as usize;
+        let wait = self
+            .times
+            .get(idx)
+            .map(|t| (*t + window).saturating_duration_since(now))
+            .unwrap_or(window);
+        Err(ceil_secs(wait))
+    }
+    fn add(&mut self, now: Instant) {
+        self.times.push_back(now);
+    }
+}
+
+/// Sliding token log with reservations that can be settled later.
+#[derive(Debug, Default)]
+struct TokenLog {
+    entries: VecDeque<(Instant, u64, u64)>,
+    sum: u64,
+}
+
+impl TokenLog {
+    fn evict(&mut self, now: Instant, window: Duration) {
+        while let Some(&(t, _, n)) = self.entries.front() {
+            if now.duration_since(t) >= window {
+                self.sum -= n;
+                self.entries.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+    fn check(
+        &mut self,
+        now: Instant,
+        window: Duration,
+        limit: u64,
+        tokens: u64,
+    ) -> Result<(), u64> {
+        self.evict(now, window);
+        if self.sum + tokens <= limit {
+            return Ok(());
+        }
+        if tokens > limit {
+            return Err(ceil_secs(window));
+        }
+        let mut freed = 0;
+        for &(t, _, n) in &self.entries {
+            freed += n;
+            if self.sum - freed + tokens <= limit {
+                return Err(ceil_secs((t + window).saturating_duration_since(now)));
+            }
+        }
+        Err(ceil_secs(window))
+    }
+    fn add(&mut self, now: Instant, seq: u64, tokens: u64) {
+        self.entries.push_back((now, seq, tokens));
+        self.sum += tokens;
+    }
+    fn settle(&mut self, seq: u64, tokens: u64) {
+        if let Ok(i) = self.entries.binary_search_by_key(&seq, |e| e.1) {
+            let old = self.entries[i].2;
+            self.entries[i].2 = tokens;
+            self.sum = self.sum - old + tokens;
+        }
+    }
+}
+
+/// Counts in sixty sub-windows (for hour and day limits).
+#[derive(Debug)]
+struct SubWindows {
+    slots: [(u64, u64); 60],
+}
+
+impl Default for SubWindows {
+    fn default() -> Self {
+        Self {
+            slots: [(u64::MAX, 0); 60],
+        }
+    }
+}
+
+impl SubWindows {
+    fn index(base: Instant, now: Instant, width: Duration) -> u64 {
+        (now.duration_since(base).as_millis() / width.as_millis().max(1)) as u64
+    }
+    fn count(&self, current: u64) -> u64 {
+        self.slots
+            .iter()
+            .filter(|(i, _)| *i != u64::MAX && *i + 60 > current)
+            .map(|(_, n)| n)
+            .sum()
+    }
+    fn check(&self, base: Instant, now: Instant, window: Duration, limit: u64) -> Result<(), u64> {
+        let width = window / 60;
+        let current = Self::index(base, now, width);
+        if self.count(current) < limit {
+            return Ok(());
+        }
+        let oldest = self
+            .slots
+            .iter()
+            .filter(|(i, n)| *i != u64::MAX && *i + 60 > current && *n > 0)
+            .map(|(i, _)| *i)
+            .min()
+            .unwrap_or(current);
+        let frees_at = base + width * u32::try_from(oldest + 60).unwrap_or(u32::MAX);
+        Err(ceil_secs(frees_at.saturating_duration_since(now)))
+    }
+    fn add(&mut self, base: Instant, now: Instant, window: Duration) {
+        let width = window / 60;
+        let current = Self::index(base, now, width);
+        let slot = &mut self.slots[(current % 60) as usize];
+        if slot.0 != current {
+            *slot = (current, 0);
+        }
+        slot.1 += 1;
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    let s = d.as_secs();
+    if d.subsec_nanos() > 0 {
+        s + 1
+    } else {
+        s.max(1)
+    }
+}
+
+#[derive(Debug, Default)]
+struct TenantState {
+    rpm: RequestLog,
+    rph: SubWindows,
+    rpd: SubWindows,
+    tpm: TokenLog,
+    models: HashMap<String, (RequestLog, TokenLog)>,
+    month: u32,
+    spent_micros: i64,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// The in-process limiter (one gateway replica).
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    base: Instant,
+    inner: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    seq: u64,
+    tenants: HashMap<String, TenantState>,
+    sessions: HashMap<(String, String), RequestLog>,
+}
+
+impl Default for MemoryLimiter {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            inner: Mutex::new(MemoryState::default()),
+        }
+    }
+}
+
+/// The current UTC month as `year * 12 + month0`.
+pub fn current_month() -> u32 {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    let (y, m) = civil_from_days(days);
+    (y * 12 + (m - 1)) as u32
+}
+
+/// Seconds until the next UTC month starts.
+pub fn secs_to_month_end() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (y, m) = civil_from_days((now / 86_400) as i64);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let start = days_from_civil(ny, nm) as u64 * 86_400;
+    start.saturating_sub(now).max(1)
+}
+
+/// Howard Hinnant's algorithm: days since 1970-01-01 -> (year, month 1..=12).
+fn civil_from_days(z: i64) -> (i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m)
+}
+
+fn days_from_civil(y: i64, m: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn refuse(what: String, retry_after: u64, limit: u64, unit: &'static str) -> Refusal {
+    Refusal {
+        budget: false,
+        message: format!("{what} exceeded; retry after {retry_after} s or ask for a higher limit"),
+        retry_after,
+        limit,
+        unit,
+    }
+}
+
+impl MemoryLimiter {
+    /// Admission at `now` (a parameter so tests can move time).
+    pub fn admit_at(&self, req: &LimitRequest<'_>, now: Instant) -> Result<Reservation, Refusal> {
+        let base = self.base;
+        let month = current_month();
+        let mut guard = self.inner.lock();
+        let state = &mut *guard;
+        state.seq += 1;
+        let seq = state.seq;
+        if let Some((session, rpm)) = req.session {
+            let log = state
+                .sessions
+                .entry((req.tenant.to_string(), session.to_string()))
+                .or_default();
+            log.check(now, MINUTE, rpm).map_err(|s| {
+                refuse(
+                    format!("session requests per minute ({rpm}) for session {session:?}"),
+                    s,
+                    rpm,
+                    "requests",
+                )
+            })?;
+        }
+        let t = state.tenants.entry(req.tenant.to_string()).or_default();
+        if let Some(rl) = req.rate_limit {
+            if let Some(n) = rl.requests_per_minute {
+                t.rpm.check(now, MINUTE, n).map_err(|s| {
+                    refuse(
+                        format!("tenant limit requestsPerMinute ({n})"),
+                        s,
+                        n,
+                        "requests",
+                    )
+                })?;
+            }
+            if let Some(n) = rl.requests_per_hour {
+                t.rph.check(base, now, HOUR, n).map_err(|s| {
+                    refuse(
+                        format!("tenant limit requestsPerHour ({n})"),
+                        s,
+                        n,
+                        "requests",
+                    )
+                })?;
+            }
+            if let Some(n) = rl.requests_per_day {
+                t.rpd.check(base, now, DAY, n).map_err(|s| {
+                    refuse(
+                        format!("tenant limit requestsPerDay ({n})"),
+                        s,
+                        n,
+                        "requests",
+                    )
+                })?;
+            }
+            if let Some(n) = rl.tokens_per_minute {
+                t.tpm.check(now, MINUTE, n, req.tokens).map_err(|s| {
+                    refuse(format!("tenant limit tokensPerMinute ({n}; this request reserves {} tokens: prompt + max_tokens)", req.tokens), s, n, "tokens")
+                })?;
+            }
+        }
+        if let Some(q) = req.quota {
+            let (rlog, tlog) = t.models.entry(req.model.to_string()).or_default();
+            if let Some(n) = q.requests_per_minute {
+                rlog.check(now, MINUTE, n).map_err(|s| {
+                    refuse(
+                        format!("model quota requestsPerMinute ({n}) on {}", req.model),
+                        s,
+                        n,
+                        "requests",
+                    )
+                })?;
+            }
+            if let Some(n) = q.tokens_per_minute {
+                tlog.check(now, MINUTE, n, req.tokens).map_err(|s| {
+                    refuse(
+                        format!("model quota tokensPerMinute ({n}) on {}", req.model),
+                        s,
+                        n,
+                        "tokens",
+                    )
+                })?;
+            }
+        }
+        if t.month != month {
+            t.month = month;
+            t.spent_micros = 0;
+        }
+        if let Some(budget) = req.budget_micros
+            && (t.spent_micros >= budget || t.spent_micros + req.cost_micros > budget)
+        {
+            return Err(Refusal {
+                budget: true,
+                message: format!(
+                    "monthly budget of {} USD is spent ({} USD used or reserved); it resets at the start of next month (UTC)",
+                    parley_crds::money::format_usd_micros(budget),
+                    parley_crds::money::format_usd_micros(t.spent_micros)
+                ),
+                retry_after: secs_to_month_end(),
+                limit: 0,
+                unit: "usd",
+            });
+        }
+        // Every scope passed: count the request in each.
+        if let Some(rl) = req.rate_limit {
+            if rl.requests_per_minute.is_some() {
+                t.rpm.add(now);
+            }
+            if rl.requests_per_hour.is_some() {
+                t.rph.add(base, now, HOUR);
+            }
+            if rl.requests_per_day.is_some() {
+                t.rpd.add(base, now, DAY);
+            }
+            if rl.tokens_per_minute.is_some() {
+                t.tpm.add(now, seq, req.tokens);
+            }
+        }
+        if let Some(q) = req.quota {
+            let (rlog, tlog) = t.models.entry(req.model.to_string()).or_default();
+            if q.requests_per_minute.is_some() {
+                rlog.add(now);
+            }
+            if q.tokens_per_minute.is_some() {
+                tlog.add(now, seq, req.tokens);
+            }
+        }
+        t.spent_micros += req.cost_micros;
+        if let Some((session, _)) = req.session
+            && let Some(log) = state
+                .sessions
+                .get_mut(&(req.tenant.to_string(), session.to_string()))
+        {
+            log.add(now);
+        }
+        if state.sessions.len() > 10_000 {
+            state.sessions.retain(|_, log| {
+                log.evict(now, MINUTE);
+                !log.times.is_empty()
+            });
+        }
+        Ok(Reservation {
+            tenant: req.tenant.to_string(),
+            model: req.model.to_string(),
+            seq,
+            tokens: req.tokens,
+            cost_micros: req.cost_micros,
+            month,
+        })
+    }
+
+    /// Settles a reservation.
+    pub fn settle_now(&self, r: Reservation, tokens: u64, cost_micros: i64) {
+        let mut guard = self.inner.lock();
+        let Some(t) = guard.tenants.get_mut(&r.tenant) else {
+            return;
+        };
+        t.tpm.settle(r.seq, tokens);
+        if let Some((_, tlog)) = t.models.get_mut(&r.model) {
+            tlog.settle(r.seq, tokens);
+        }
+        if t.month == r.month {
+            t.spent_micros += cost_micros - r.cost_micros;
+        }
+        let _ = r.tokens;
+    }
+
+    /// Micro-USD spent (and reserved) by a tenant this month.
+    pub fn spent(&self, tenant: &str) -> i64 {
+        self.inner
+            .lock()
+            .tenants
+            .get(tenant)
+            .map(|t| t.spent_micros)
+            .unwrap_or(0)
+    }
+}
+
+impl Limiter for Arc<MemoryLimiter> {
+    async fn admit(&self, req: &LimitRequest<'_>) -> Result<Reservation, Refusal> {
+        self.admit_at(req, Instant::now())
+    }
+    async fn settle(&self, reservation: Reservation, tokens: u64, cost_micros: i64) {
+        self.settle_now(reservation, tokens, cost_micros);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn req<'a>(rl: &'a RateLimitConfig, tokens: u64) -> LimitRequest<'a> {
+        LimitRequest {
+            tenant: "t",
+            rate_limit: Some(rl),
+            quota: None,
+            model: "m",
+            session: None,
+            tokens,
+            budget_micros: None,
+            cost_micros: 0,
+        }
+    }
+
+    #[test]
+    fn per_minute_is_a_sliding_window() {
+        let l = MemoryLimiter::default();
+        let rl = RateLimitConfig {
+            requests_per_minute: Some(3),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        l.admit_at(&req(&rl, 0), t0).unwrap();
+        l.admit_at(&req(&rl, 0), t0 + Duration::from_secs(30))
+            .unwrap();
+        l.admit_at(&req(&rl, 0), t0 + Duration::from_secs(59))
+            .unwrap();
+        // Full until the first request leaves the window at t0 + 60 s.
+        let e = l
+            .admit_at(&req(&rl, 0), t0 + Duration::from_secs(59))
+            .unwrap_err();
+        assert_eq!(e.retry_after, 1);
+        assert!(e.message.contains("requestsPerMinute"));
+        l.admit_at(&req(&rl, 0), t0 + Duration::from_secs(60))
+            .unwrap();
+        let e = l
+            .admit_at(&req(&rl, 0), t0 + Duration::from_secs(61))
+            .unwrap_err();
+        assert_eq!(e.retry_after, 29);
+    }
+
+    #[test]
+    fn refused_requests_are_not_counted_elsewhere() {
+        let l = MemoryLimiter::default();
+        let rl = RateLimitConfig {
+            requests_per_minute: Some(10),
+            tokens_per_minute: Some(100),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        l.admit_at(&req(&rl, 80), t0).unwrap();
+        assert!(l.admit_at(&req(&rl, 30), t0).is_err());
+        // The refused request did not take a request slot: 9 more fit.
+        for _ in 0..9 {
+            l.admit_at(&req(&rl, 0), t0).unwrap();
+        }
+        assert!(l.admit_at(&req(&rl, 0), t0).is_err());
+    }
+
+    #[test]
+    fn tokens_settle_to_real_usage() {
+        let l = MemoryLimiter::default();
+        let rl = RateLimitConfig {
+            tokens_per_minute: Some(100),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let r = l.admit_at(&req(&rl, 90), t0).unwrap();
+        assert!(l.admit_at(&req(&rl, 20), t0).is_err());
+        l.settle_now(r, 10, 0);
+        l.admit_at(&req(&rl, 20), t0).unwrap();
+    }
+
+    #[test]
+    fn hour_limit_counts_in_sub_windows() {
+        let l = MemoryLimiter::default();
+        let rl = RateLimitConfig {
+            requests_per_hour: Some(2),
+            ..Default::default()
+        };
+        let t0 = l.base;
+        l.admit_at(&req(&rl, 0), t0).unwrap();
+        l.admit_at(&req(&rl, 0), t0 + Duration::from_secs(600))
+            .unwrap();
+        let e = l
+            .admit_at(&req(&rl, 0), t0 + Duration::from_secs(1200))
+            .unwrap_err();
+        assert_eq!(e.retry_after, 2400);
+        l.admit_at(&req(&rl, 0), t0 + Duration::from_secs(3600))
+            .unwrap();
+    }
+
+    #[test]
+    fn budget_refuses_once_spent() {
+        let l = MemoryLimiter::default();
+        let none = RateLimitConfig::default();
+        let mut r = req(&none, 0);
+        r.rate_limit = None;
+        r.budget_micros = Some(1_000);
+        r.cost_micros = 600;
+        let res = l.admit_at(&r, Instant::now()).unwrap();
+        assert!(l.admit_at(&r, Instant::now()).unwrap_err().budget);
+        l.settle_now(res, 0, 100);
+        assert_eq!(l.spent("t"), 100);
+        l.admit_at(&r, Instant::now()).unwrap();
+    }
+
+    #[test]
+    fn month_arithmetic() {
+        assert_eq!(civil_from_days(0), (1970, 1));
+        assert_eq!(days_from_civil(2024, 3), 19_783);
+        assert_eq!(civil_from_days(19_783), (2024, 3));
+        assert!(secs_to_month_end() <= 31 * 86_400);
+    }
+}

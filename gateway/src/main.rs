@@ -1,0 +1,186 @@
+//! `parley-gateway --config FILE` serves; `parley-gateway check --config FILE` validates.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "parley-gateway", version, about = "Parley's LLM gateway")]
+struct Cli {
+    /// The GatewayConfig file.
+    #[arg(long, global = true, env = "PARLEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format [json when stderr is not a terminal].
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Seconds in-flight requests and streams may take after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    drain_seconds: u64,
+    /// Seconds between config polls (the file watcher reacts at once; this backs it up).
+    #[arg(long, default_value_t = 5)]
+    poll_seconds: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the config and exit: 0 and a summary, or 1 and every problem.
+    Check,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(config) = cli.config.clone() else {
+        eprintln!("error: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    match cli.command {
+        Some(Command::Check) => check(&config),
+        None => {
+            init_logging(cli.log_format);
+            match serve(config, &cli) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match parley_gateway::init(path.to_path_buf()) {
+        Ok(state) => {
+            let rt = state.runtime.load();
+            let backends: usize = rt.models.values().map(|m| m.backends.len()).sum();
+            let mut out = format!(
+                "{}: valid: {} models, {} backends, {} tenants, {} API keys usable, default model {:?}, config hash {}",
+                path.display(),
+                rt.models.len(),
+                backends,
+                rt.tenants.len(),
+                rt.keys.len(),
+                rt.config.default_model,
+                rt.hash
+            );
+            out.push('\n');
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            eprintln!("{}: invalid config:", path.display());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: PathBuf, cli: &Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let state = parley_gateway::init(config.clone()).map_err(|p| {
+            anyhow::anyhow!(
+                "invalid config {}:\n  - {}",
+                config.display(),
+                p.join("\n  - ")
+            )
+        })?;
+        let (listen, admin_listen) = {
+            let rt = state.runtime.load();
+            (rt.config.listen.clone(), rt.config.admin_listen.clone())
+        };
+        let chat = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("binding the chat API on {listen}"))?;
+        let admin = tokio::net::TcpListener::bind(&admin_listen)
+            .await
+            .with_context(|| format!("binding the admin API on {admin_listen}"))?;
+        tracing::info!(
+            listen = %chat.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "parley-gateway serving"
+        );
+        let shutdown = CancellationToken::new();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: no new connections; draining in-flight requests");
+            sd.cancel();
+        });
+        parley_gateway::run(
+            state,
+            chat,
+            admin,
+            shutdown,
+            parley_gateway::ServeOptions {
+                drain: Duration::from_secs(cli.drain_seconds),
+                poll: Duration::from_secs(cli.poll_seconds.max(1)),
+            },
+        )
+        .await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,241 @@
+//! Prometheus metrics (`parley_` prefix). Labels are low-cardinality: tenant ids, model
+//! and backend names from the config (never client-supplied strings), status codes.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Shared label value.
+pub type Label = Arc<String>;
+
+/// `{tenant, model, backend, status, api}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Tenant id (`unknown` before authentication).
+    pub tenant: Label,
+    /// Model that served (or was asked for, if known).
+    pub model: Label,
+    /// Backend that served (`none` if none did).
+    pub backend: Label,
+    /// HTTP status.
+    pub status: u16,
+    /// `openai`, `anthropic` or `chat`.
+    pub api: &'static str,
+}
+
+/// `{tenant, model}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModel {
+    /// Tenant id.
+    pub tenant: Label,
+    /// Model.
+    pub model: Label,
+}
+
+/// `{tenant, model, kind}` for tokens.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Tenant id.
+    pub tenant: Label,
+    /// Model.
+    pub model: Label,
+    /// `input` or `output`.
+    pub kind: &'static str,
+}
+
+/// `{model}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// Model.
+    pub model: Label,
+}
+
+/// `{model, backend}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Model.
+    pub model: Label,
+    /// Backend.
+    pub backend: Label,
+}
+
+/// `{model, backend, outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// Model.
+    pub model: Label,
+    /// Backend.
+    pub backend: Label,
+    /// `success`, `rate_limited`, `server_error`, `timeout`, `connection`, `client_error`.
+    pub outcome: &'static str,
+}
+
+/// `{result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// Outcome.
+    pub result: &'static str,
+}
+
+/// `{hash}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabel {
+    /// SHA-256 (hex, 16 digits) of the loaded config and its secrets' paths.
+    pub hash: String,
+}
+
+/// `{tenant, limit}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Tenant id.
+    pub tenant: Label,
+    /// `rate` or `budget`.
+    pub limit: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ])
+}
+
+fn overhead_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    ])
+}
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Requests answered.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Whole request latency.
+    pub latency: Family<TenantModel, Histogram, fn() -> Histogram>,
+    /// Time to first token of streams.
+    pub ttft: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    /// Gateway overhead (time not spent waiting on upstreams).
+    pub overhead: Histogram,
+    /// Tokens used.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Cost in micro-USD.
+    pub cost: Family<TenantModel, Counter>,
+    /// Upstream attempts by outcome.
+    pub attempts: Family<AttemptLabels, Counter>,
+    /// Breaker state: 0 closed, 1 open, 2 half-open.
+    pub breaker: Family<BackendLabels, Gauge>,
+    /// Loaded config hash (value 1).
+    pub config_info: Family<HashLabel, Gauge>,
+    /// Config loads by result.
+    pub reloads: Family<ResultLabel, Counter>,
+    /// Cache lookups by result.
+    pub cache: Family<ResultLabel, Counter>,
+    /// Requests refused by limits.
+    pub refusals: Family<RefusalLabels, Counter>,
+    /// Requests in flight.
+    pub in_flight: Gauge,
+}
+
+impl Metrics {
+    /// Registers everything.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("parley");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests answered", requests.clone());
+        let latency: Family<TenantModel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Request latency",
+            latency.clone(),
+        );
+        let ttft: Family<ModelLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time to the first streamed byte",
+            ttft.clone(),
+        );
+        let overhead = overhead_histogram();
+        registry.register(
+            "overhead_seconds",
+            "Time spent in the gateway, not waiting on an upstream",
+            overhead.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register("tokens", "Tokens used", tokens.clone());
+        let cost = Family::<TenantModel, Counter>::default();
+        registry.register("cost_micro_usd", "Cost in micro-USD", cost.clone());
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by outcome",
+            attempts.clone(),
+        );
+        let breaker = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "circuit_breaker_state",
+            "Circuit breaker state (0 closed, 1 open, 2 half-open)",
+            breaker.clone(),
+        );
+        let config_info = Family::<HashLabel, Gauge>::default();
+        registry.register(
+            "config_info",
+            "Hash of the loaded config",
+            config_info.clone(),
+        );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register("config_reloads", "Config loads by result", reloads.clone());
+        let cache = Family::<ResultLabel, Counter>::default();
+        registry.register("cache_lookups", "Response cache lookups", cache.clone());
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by limits",
+            refusals.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests in flight",
+            in_flight.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            ttft,
+            overhead,
+            tokens,
+            cost,
+            attempts,
+            breaker,
+            config_info,
+            reloads,
+            cache,
+            refusals,
+            in_flight,
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,175 @@
+//! Loading the config file and watching it (and the secret files it names) for changes.
+//!
+//! Kubernetes updates a mounted ConfigMap or Secret by swapping a `..data` symlink in the
+//! mounted directory, so directories are watched, not files. A poll every few seconds
+//! backs the watcher up. A changed config is built completely (secrets read, indexes
+//! made) before it replaces the old one in a single atomic swap; requests in flight keep
+//! the snapshot they started with. An invalid config is refused and the old one serves on.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use parley_crds::GatewayConfig;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{HashLabel, ResultLabel};
+use crate::runtime::{self, Runtime, Shared};
+use crate::state::AppState;
+
+/// Reads, parses, validates and builds; every problem on failure.
+pub fn load(path: &Path, shared: &Shared) -> Result<Runtime, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("cannot read config file {}: {e}", path.display())])?;
+    let config = GatewayConfig::from_yaml(&text).map_err(|e| match e {
+        parley_crds::gateway_config::ConfigError::Invalid(problems) => problems,
+        other => vec![other.to_string()],
+    })?;
+    runtime::build(config, &text, path, shared)
+}
+
+/// Records a loaded config in the metrics.
+pub fn record_loaded(state: &AppState, rt: &Runtime) {
+    state.metrics.config_info.clear();
+    state
+        .metrics
+        .config_info
+        .get_or_create(&HashLabel {
+            hash: rt.hash.clone(),
+        })
+        .set(1);
+    state
+        .metrics
+        .reloads
+        .get_or_create(&ResultLabel { result: "success" })
+        .inc();
+}
+
+fn dirs_to_watch(state: &AppState) -> HashSet<PathBuf> {
+    let rt = state.runtime.load();
+    let mut dirs = HashSet::new();
+    let config_dir = state
+        .config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = runtime::secrets_base(&rt.config, &state.config_path);
+    dirs.insert(config_dir);
+    dirs.insert(base.clone());
+    for f in runtime::secret_files(&rt.config, &base) {
+        if let Some(p) = f.parent() {
+            dirs.insert(p.to_path_buf());
+            // A projected volume's root holds the `..data` symlink.
+            if let Some(pp) = p.parent() {
+                dirs.insert(pp.to_path_buf());
+            }
+        }
+    }
+    dirs
+}
+
+/// Reloads now: returns whether a new config was swapped in.
+pub fn reload_once(state: &AppState, last_failure: &mut Option<String>) -> bool {
+    match load(&state.config_path, &state.shared) {
+        Ok(rt) => {
+            *last_failure = None;
+            let current = state.runtime.load();
+            if rt.hash == current.hash {
+                return false;
+            }
+            if rt.config.listen != current.config.listen
+                || rt.config.admin_listen != current.config.admin_listen
+            {
+                tracing::warn!(
+                    "listen/adminListen changed; the new addresses take effect after a restart"
+                );
+            }
+            tracing::info!(hash = %rt.hash, models = rt.models.len(), tenants = rt.tenants.len(), "config reloaded");
+            record_loaded(state, &rt);
+            state.runtime.store(Arc::new(rt));
+            true
+        }
+        Err(problems) => {
+            let joined = problems.join("; ");
+            let digest = hex::encode(Sha256::digest(joined.as_bytes()));
+            if last_failure.as_deref() != Some(digest.as_str()) {
+                tracing::error!(problems = %joined, "new config refused; the previous config keeps serving");
+                state
+                    .metrics
+                    .reloads
+                    .get_or_create(&ResultLabel { result: "failure" })
+                    .inc();
+                *last_failure = Some(digest);
+            }
+            false
+        }
+    }
+}
+
+/// Watches until `shutdown`.
+pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Duration) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "file watching unavailable; polling only");
+            None
+        }
+    };
+    let mut watched: HashSet<PathBuf> = HashSet::new();
+    let mut rewatch = |watcher: &mut Option<notify::RecommendedWatcher>, state: &AppState| {
+        if let Some(w) = watcher.as_mut() {
+            for dir in dirs_to_watch(state) {
+                if watched.contains(&dir) || !dir.is_dir() {
+                    continue;
+                }
+                match w.watch(&dir, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        watched.insert(dir);
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory")
+                    }
+                }
+            }
+        }
+    };
+    rewatch(&mut watcher, &state);
+    let mut last_failure = None;
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+            Some(()) = rx.recv() => {
+                // Let a burst of events (a symlink swap is several) settle.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        let st = Arc::clone(&state);
+        let lf = last_failure.take();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut lf = lf;
+            let changed = reload_once(&st, &mut lf);
+            (changed, lf)
+        })
+        .await;
+        if let Ok((changed, lf)) = result {
+            last_failure = lf;
+            if changed {
+                rewatch(&mut watcher, &state);
+            }
+        }
+    }
+}
