@@ -4,6 +4,10 @@
 //! This crate does no I/O. The operator writes these types, the gateway reads them, so
 //! there is exactly one definition of each field.
 
+// kube's `printcolumn(...)` attributes repeat `type_ = ...`, which clippy mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod chatbot;
 pub mod common;
 pub mod gateway_config;
