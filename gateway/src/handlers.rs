@@ -505,16 +505,9 @@ async fn serve_api(
     };
 
     // Cache: explicit temperature 0 on a route with a cache, non-streaming.
-    let cache_key = match (
-        &model.config.cache,
-        stream,
-        req.body.get("temperature").and_then(Value::as_f64),
-    ) {
-        (Some(_), false, Some(t)) if t == 0.0 => {
-            Some(cache::key(&tenant.id, format, &model.name, &req.body))
-        }
-        _ => None,
-    };
+    let zero_temperature = req.body.get("temperature").and_then(Value::as_f64) == Some(0.0);
+    let cache_key = (model.config.cache.is_some() && !stream && zero_temperature)
+        .then(|| cache::key(&tenant.id, format, &model.name, &req.body));
     if let Some(key) = &cache_key {
         if let Some(hit) = state.cache.get(key) {
             state

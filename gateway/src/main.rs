@@ -69,7 +69,17 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     match cli.command {
-        Some(Command::Check) => check(&config),
+        Some(Command::Check) => {
+            // Missing secrets are warnings, not errors: show them.
+            let filter = tracing_subscriber::EnvFilter::new("warn");
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .without_time()
+                .with_target(false)
+                .init();
+            check(&config)
+        }
         None => {
             init_logging(cli.log_format);
             match serve(config, &cli) {

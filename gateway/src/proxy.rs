@@ -144,21 +144,21 @@ pub fn backoff(initial_ms: u64, max_ms: u64, n: u32) -> Duration {
 /// permit (the single half-open probe, if that is where it stands).
 pub fn pick_backend(model: &Model, tried: &[usize], now: Instant) -> Option<usize> {
     let mut excluded: Vec<usize> = Vec::new();
+    // Tiers in order: (standby backends?, backends already tried allowed?).
+    const TIERS: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
     loop {
-        let usable = |i: &usize, b: &Backend| !excluded.contains(i) && b.breaker.available(now);
-        let tiers: [&dyn Fn(usize, &Backend) -> bool; 4] = [
-            &|i, b| b.weight > 0 && !tried.contains(&i) && usable(&i, b),
-            &|i, b| b.weight > 0 && usable(&i, b),
-            &|i, b| b.weight == 0 && !tried.contains(&i) && usable(&i, b),
-            &|i, b| b.weight == 0 && usable(&i, b),
-        ];
         let mut chosen = None;
-        for tier in tiers {
+        for (standby, retried) in TIERS {
             let candidates: Vec<usize> = model
                 .backends
                 .iter()
                 .enumerate()
-                .filter(|(i, b)| tier(*i, b))
+                .filter(|(i, b)| {
+                    (b.weight == 0) == standby
+                        && (retried || !tried.contains(i))
+                        && !excluded.contains(i)
+                        && b.breaker.available(now)
+                })
                 .map(|(i, _)| i)
                 .collect();
             if candidates.is_empty() {
@@ -674,6 +674,46 @@ mod tests {
             let b9 = backoff(100, 2000, 9).as_millis();
             assert!((1000..=2000).contains(&b9), "{b9}");
         }
+    }
+
+    fn model(yaml_backends: &str) -> Arc<Model> {
+        let text = format!(
+            "apiVersion: parley.dev/gateway/v1\ndefaultModel: m\nmodels:\n- name: m\n  circuitBreaker: {{failureThreshold: 1, openSeconds: 60}}\n  backends:\n{yaml_backends}"
+        );
+        let cfg = parley_crds::GatewayConfig::from_yaml(&text).unwrap();
+        let shared = crate::runtime::Shared::new(Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let rt = crate::runtime::build(cfg, &text, std::path::Path::new("/x/c.yaml"), &shared).unwrap();
+        Arc::clone(&rt.models["m"])
+    }
+
+    #[test]
+    fn weighted_choice_standby_and_breakers() {
+        let m = model(
+            "  - {name: a, provider: openai, baseUrl: 'http://127.0.0.1:1/v1', weight: 3}\n  - {name: b, provider: openai, baseUrl: 'http://127.0.0.1:2/v1', weight: 1}\n  - {name: s, provider: openai, baseUrl: 'http://127.0.0.1:3/v1', weight: 0}\n",
+        );
+        let now = Instant::now();
+        let mut counts = [0; 3];
+        for _ in 0..4000 {
+            counts[pick_backend(&m, &[], now).unwrap()] += 1;
+        }
+        assert_eq!(counts[2], 0, "weight 0 is standby only");
+        assert!((2700..3300).contains(&counts[0]), "{counts:?}");
+        // A retry prefers a backend not tried yet.
+        assert_eq!(pick_backend(&m, &[0], now), Some(1));
+        // Open breakers take backends out; then the standby serves.
+        m.backends[0].breaker.record(Outcome::Failure, now);
+        m.backends[1].breaker.record(Outcome::Failure, now);
+        assert_eq!(pick_backend(&m, &[], now), Some(2));
+        m.backends[2].breaker.record(Outcome::Failure, now);
+        assert_eq!(pick_backend(&m, &[], now), None);
+        // After openSeconds, one probe per backend.
+        let later = now + Duration::from_secs(60);
+        let first = pick_backend(&m, &[], later).unwrap();
+        let second = pick_backend(&m, &[], later).unwrap();
+        assert_ne!(first, second);
+        assert!(first < 2 && second < 2, "positive weights first");
+        assert_eq!(pick_backend(&m, &[], later), Some(2));
+        assert_eq!(pick_backend(&m, &[], later), None);
     }
 
     #[test]

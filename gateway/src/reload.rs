@@ -173,3 +173,48 @@ pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Dura
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    const BASE: &str = "apiVersion: parley.dev/gateway/v1\ndefaultModel: a\nmodels:\n- name: a\n  backends: [{name: p, provider: openai, baseUrl: 'http://127.0.0.1:1/v1'}]\ntenants:\n- {id: t/a, apiKeys: [{file: key}]}\n";
+
+    #[test]
+    fn swaps_valid_configs_and_refuses_broken_ones() {
+        let dir = std::env::temp_dir().join(format!("parley-reload-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, BASE).unwrap();
+        std::fs::write(dir.join("key"), "k1\n").unwrap();
+        let state = crate::init(path.clone()).unwrap();
+        let old = state.runtime.load_full();
+        assert!(old.tenant_for_key(b"k1").is_some());
+        let mut failure = None;
+        assert!(!reload_once(&state, &mut failure), "nothing changed");
+
+        // A new model appears; the old snapshot stays intact for requests holding it.
+        std::fs::write(&path, format!("{BASE}- {{id: t/b, apiKeys: [{{value: k2}}]}}\n")).unwrap();
+        assert!(reload_once(&state, &mut failure));
+        let new = state.runtime.load_full();
+        assert!(new.tenant_for_key(b"k2").is_some());
+        assert!(old.tenant_for_key(b"k2").is_none());
+        assert_ne!(old.hash, new.hash);
+
+        // A rotated secret file is a change too.
+        std::fs::write(dir.join("key"), "k3\n").unwrap();
+        assert!(reload_once(&state, &mut failure));
+        assert!(state.runtime.load().tenant_for_key(b"k3").is_some());
+        assert!(state.runtime.load().tenant_for_key(b"k1").is_none());
+
+        // Broken: refused once (logged and counted once), old config serves on.
+        std::fs::write(&path, "apiVersion: parley.dev/gateway/v1\nmodels: [").unwrap();
+        assert!(!reload_once(&state, &mut failure));
+        assert!(!reload_once(&state, &mut failure));
+        assert!(state.runtime.load().tenant_for_key(b"k2").is_some());
+        let text = state.metrics.encode();
+        assert!(text.contains("parley_config_reloads_total{result=\"failure\"} 1"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
