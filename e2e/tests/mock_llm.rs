@@ -571,6 +571,11 @@ async fn fail_first_and_retry_after_via_control_endpoint() {
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "rate_limit_error");
     assert_eq!(openai(&m, req.clone()).await.status(), 429);
+    // fail_first is scoped: "fail the next request, then succeed", whatever came before.
+    m.patch(&json!({"fail_first": 1, "fail_status": 500}))
+        .unwrap();
+    assert_eq!(openai(&m, req.clone()).await.status(), 500);
+    assert_eq!(openai(&m, req.clone()).await.status(), 200);
 
     // Reset to the start-up configuration.
     let resp = c
@@ -598,10 +603,11 @@ async fn fail_first_and_retry_after_via_control_endpoint() {
     assert_eq!(resp.status(), 400);
 
     let s = m.stats();
-    assert_eq!(s.faults_injected, 4);
+    assert_eq!(s.faults_injected, 5);
     assert_eq!(s.by_status["503"], 2);
     assert_eq!(s.by_status["429"], 2);
-    assert_eq!(s.by_status["200"], 2);
+    assert_eq!(s.by_status["500"], 1);
+    assert_eq!(s.by_status["200"], 3);
 }
 
 #[tokio::test]
@@ -967,4 +973,25 @@ async fn binary_serves_and_prints_its_address() {
             .contains("bin-mock")
     );
     child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn disconnect_before_first_token_is_noticed() {
+    let m = spawn(MockConfig {
+        ttft_ms: 3000,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let resp = openai(
+        &m,
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let t0 = Instant::now();
+    let s = wait_stats(&m, |s| s.streams_cancelled == 1).await;
+    assert_eq!(s.streams_cancelled, 1);
+    assert!(t0.elapsed() < Duration::from_secs(2));
 }

@@ -14,9 +14,10 @@ use super::text;
 ///
 /// Fault injection: a request fails with `fail_status` when `fail_first > 0` (the counter
 /// is then decremented: "fail exactly the next N requests") or, after that, with
-/// probability `fail_rate`. Through the CLI and `POST /_mock/config`, setting
-/// `fail_status` without `fail_rate` or `fail_first` in the same update sets
-/// `fail_rate` to 1 (every request fails).
+/// probability `fail_rate`. Through the CLI and `POST /_mock/config` (and in per-model
+/// overrides), an update without `fail_rate` gets one implied: 0 when it sets
+/// `fail_first` ("fail the next N requests, then succeed"), else 1 when it sets
+/// `fail_status` ("fail every request with this status").
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MockConfig {
@@ -96,10 +97,11 @@ impl MockConfig {
         self
     }
 
-    /// The next `n` requests fail with `status`.
+    /// The next `n` requests fail with `status`, then requests succeed.
     pub fn fail_first(mut self, n: u64, status: u16) -> Self {
         self.fail_first = n;
         self.fail_status = status;
+        self.fail_rate = 0.0;
         self
     }
 
@@ -184,12 +186,14 @@ fn merge(base: &MockConfig, update: &Map<String, Value>) -> Result<MockConfig, C
     for (k, v) in update {
         cur.insert(k.clone(), v.clone());
     }
-    if update.contains_key("fail_status")
-        && !update.contains_key("fail_rate")
-        && !update.contains_key("fail_first")
-    {
-        // "fail_status: 503" on its own means: fail every request with 503.
-        cur.insert("fail_rate".to_owned(), Value::from(1.0));
+    if !update.contains_key("fail_rate") {
+        if update.contains_key("fail_first") {
+            // "fail the next N requests, then succeed".
+            cur.insert("fail_rate".to_owned(), Value::from(0.0));
+        } else if update.contains_key("fail_status") {
+            // "fail_status: 503" on its own means: fail every request with 503.
+            cur.insert("fail_rate".to_owned(), Value::from(1.0));
+        }
     }
     serde_json::from_value(Value::Object(cur)).map_err(|e| ConfigError(e.to_string()))
 }
@@ -339,6 +343,11 @@ mod tests {
             .unwrap();
         assert_eq!(c.fail_rate, 0.0);
         assert_eq!(c.fail_first, 2);
+        let failing = base.patched(&base, &json!({"fail_status": 503})).unwrap();
+        let c = failing
+            .patched(&base, &json!({"fail_first": 1, "fail_status": 500}))
+            .unwrap();
+        assert_eq!((c.fail_first, c.fail_status, c.fail_rate), (1, 500, 0.0));
         assert!(base.patched(&base, &json!({"nope": 1})).is_err());
         assert!(base.patched(&base, &json!({"fail_rate": 2})).is_err());
     }

@@ -4,25 +4,49 @@
 //!
 //! Endpoints:
 //!
-//! * `POST /v1/chat/completions` (OpenAI), `POST /v1/messages` (Anthropic), streaming or
-//!   not, with tool calls; `GET /v1/models`; `GET /healthz`.
-//! * `GET|POST /_mock/config` (read / partially update the [`MockConfig`] knobs; `{"reset":
-//!   true}` restores the start-up configuration), `GET /_mock/stats` ([`Stats`]),
-//!   `POST /_mock/reset-stats`.
+//! * `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic), streaming
+//!   or not, with tool calls; `GET /v1/models` (Anthropic's shape when the request has
+//!   an `anthropic-version` header); `GET /healthz`.
+//! * `GET|POST /_mock/config`: read / partially update the [`MockConfig`] knobs (fields
+//!   present replace the current values, `null` clears optional ones, unknown fields are
+//!   a 400; `{"reset": true}` first restores the start-up configuration). The answer is
+//!   the resulting configuration.
+//! * `GET /_mock/stats` ([`Stats`]), `POST /_mock/reset-stats` (204).
 //!
-//! Replies are deterministic; see [`text`] for the token counting rule.
+//! Behaviour:
+//!
+//! * Both APIs need a key (`Authorization: Bearer`, `x-api-key` or `api-key`) unless
+//!   `require_api_key` is false; `api_keys`, when not empty, lists the accepted keys.
+//!   Keys are recorded only as [`key_fingerprint`]s.
+//! * The reply is `reply_tokens` words, "Hello from NAME: lorem ipsum ...", cut at
+//!   `max_tokens` (`finish_reason: "length"` / `stop_reason: "max_tokens"`). When the
+//!   request has tools and the last user message contains "weather" or "call_tool" (or
+//!   the tool choice forces a tool), the reply is a call of the first (or forced) tool
+//!   with arguments `{"location":"Paris"}`; when the last message carries tool results
+//!   (OpenAI `tool` messages, Anthropic `tool_result` blocks) the reply is
+//!   "Tool result: CONTENT". See [`text`] for the token counting rule.
+//! * Order of events for a request: recorded in the stats, `hang`, `latency_ms`, fault
+//!   injection (`fail_first`, `fail_rate`), key check, validation, reply. Non-streamed
+//!   replies ignore `ttft_ms` and `tokens_per_second`.
+//! * Streams: headers after `latency_ms`; the first body bytes (OpenAI role chunk /
+//!   Anthropic `message_start`...`ping`, with the first token) `ttft_ms` later; then one
+//!   token per event every `1/tokens_per_second` s. `drop_after_tokens: N` cuts the
+//!   connection (no terminating chunk) after N tokens, `error_event_after_tokens: N`
+//!   sends the provider's error event after N tokens and ends the body; either way the
+//!   closing events (`[DONE]`, usage, `message_stop`) are never sent, even when the
+//!   reply has fewer than N tokens.
 //!
 //! From Rust tests, [`spawn`] starts a server on `127.0.0.1:0`:
 //!
 //! ```no_run
-//! # async fn f() -> std::io::Result<()> {
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use parley_e2e::mock_llm::{spawn, MockConfig};
 //! let mock = spawn(MockConfig::default()).await?;
 //! let base_url = mock.openai_base_url(); // http://127.0.0.1:PORT/v1
 //! mock.update(|c| {
 //!     c.fail_first = 2;
 //!     c.fail_status = 500;
-//! });
+//! })?;
 //! // ... send requests ...
 //! assert_eq!(mock.stats().faults_injected, 2);
 //! # Ok(()) }
@@ -54,10 +78,10 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::task::{JoinHandle, JoinSet};
 
-pub use common::Api;
 pub use config::{ConfigError, MockConfig};
 pub use stats::{RECENT_REQUESTS, RecordedRequest, Stats, key_fingerprint};
 
+use common::Api;
 use config::Live;
 use stats::Recorder;
 
