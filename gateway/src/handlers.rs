@@ -438,15 +438,17 @@ async fn serve_api(
     let _in_flight = InFlight::new(&state);
     let mut acct = Accounting::new(&state, format.as_str(), start);
     let rt = state.runtime.load_full();
+    // The body is read first (it is bounded) so an early error never leaves unread
+    // bytes on a keep-alive connection.
+    let bytes = match read_body(&headers, body, rt.config.limits.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return error_response(e, format, "none", start, &mut acct),
+    };
     let tenant = match authenticate(&rt, &headers) {
         Ok(t) => t,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
     acct.tenant = Arc::clone(&tenant.id);
-    let bytes = match read_body(&headers, body, rt.config.limits.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return error_response(e, format, "none", start, &mut acct),
-    };
     let parsed = parse_object(&bytes).and_then(|b| check_messages(&b).map(|_| b));
     let body = match parsed {
         Ok(b) => b,
@@ -723,15 +725,17 @@ pub async fn chat(
     let _in_flight = InFlight::new(&state);
     let mut acct = Accounting::new(&state, "chat", start);
     let rt = state.runtime.load_full();
+    // The body is read first (it is bounded) so an early error never leaves unread
+    // bytes on a keep-alive connection.
+    let bytes = match read_body(&headers, body, rt.config.limits.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return error_response(e, format, "none", start, &mut acct),
+    };
     let tenant = match authenticate(&rt, &headers) {
         Ok(t) => t,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
     acct.tenant = Arc::clone(&tenant.id);
-    let bytes = match read_body(&headers, body, rt.config.limits.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return error_response(e, format, "none", start, &mut acct),
-    };
     let input = match parse_object(&bytes).and_then(|b| parse_chat(b, &rt.config.default_model)) {
         Ok(i) => i,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
