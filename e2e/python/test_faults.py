@@ -189,3 +189,26 @@ def test_all_backends_down_fails_fast_with_a_clear_message(start_mock, start_gat
     r = gw2.post("/v1/chat/completions", {"model": "gpt-4o", "messages": MSG})
     assert r.status_code == 502 and "connect" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 2
+
+
+def test_client_disconnect_cancels_the_upstream_and_is_accounted(start_mock, start_gateway):
+    mock = start_mock("slow", "--tokens-per-second", "20", "--reply-tokens", "200")
+    gw = start_gateway(config_doc([model("gpt-4o", [backend(mock)])]))
+    with httpx.Client(timeout=10) as c:
+        with c.stream("POST", f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {TENANT_KEY}"},
+                      json={"model": "gpt-4o", "messages": MSG, "stream": True}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen += 1
+                if seen >= 3:
+                    break
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and mock.stats()["streams_cancelled"] < 1:
+        time.sleep(0.05)
+    assert mock.stats()["streams_cancelled"] == 1, "the upstream request was cancelled"
+    assert mock.stats()["streams_completed"] == 0
+    while time.monotonic() < deadline and gw.metric("parley_requests_total", status="499") < 1:
+        time.sleep(0.05)
+    assert gw.metric("parley_requests_total", status="499") == 1
+    assert gw.metric("parley_tokens_total", kind="output") >= 2, "charged for what was generated"

@@ -209,7 +209,7 @@ pub async fn route(
 
     for (mi, model) in chain.iter().enumerate() {
         // The request as this model's providers need it (built lazily, once per provider).
-        let mut bodies: [Option<Result<Map<String, Value>, ApiError>>; 2] = [None, None];
+        let mut bodies: [Option<Result<Prepared, ApiError>>; 2] = [None, None];
         let mut tried: Vec<usize> = Vec::new();
         let retry = model.config.retry;
         let mut n = 0;
@@ -367,34 +367,29 @@ pub async fn route(
     Err((err, wait))
 }
 
-fn prepare(
-    req: &ClientRequest,
-    provider: Provider,
-    model: &Model,
-) -> Result<Map<String, Value>, ApiError> {
+/// The request for one provider: the client's own (patched while serialising) or a
+/// translation.
+enum Prepared {
+    Same,
+    Translated(Map<String, Value>),
+}
+
+fn prepare(req: &ClientRequest, provider: Provider, model: &Model) -> Result<Prepared, ApiError> {
     // The model field is filled per backend; translation only depends on the provider.
-    let placeholder = "";
     let max = model.config.max_output_tokens;
     let v = match (req.format, provider) {
-        (ApiFormat::OpenAi, Provider::Openai) => {
-            return Ok(request::openai_passthrough(
-                &req.body,
-                placeholder,
-                req.stream,
-            ));
-        }
-        (ApiFormat::Anthropic, Provider::Anthropic) => {
-            return Ok(request::anthropic_passthrough(&req.body, placeholder, max));
+        (ApiFormat::OpenAi, Provider::Openai) | (ApiFormat::Anthropic, Provider::Anthropic) => {
+            return Ok(Prepared::Same);
         }
         (ApiFormat::OpenAi, Provider::Anthropic) => {
-            request::openai_to_anthropic(&req.body, placeholder, max)?
+            request::openai_to_anthropic(&req.body, "", max)?
         }
         (ApiFormat::Anthropic, Provider::Openai) => {
-            request::anthropic_to_openai(&req.body, placeholder, req.stream)?
+            request::anthropic_to_openai(&req.body, "", req.stream)?
         }
     };
     match v {
-        Value::Object(m) => Ok(m),
+        Value::Object(m) => Ok(Prepared::Translated(m)),
         _ => Err(ApiError::new(
             ErrorKind::Internal,
             "translation produced no object",
@@ -414,16 +409,28 @@ async fn attempt(
     tenant: &Tenant,
     model: &Model,
     backend: &Backend,
-    prepared: &mut Map<String, Value>,
+    prepared: &mut Prepared,
     req: &ClientRequest,
     overall: tokio::time::Instant,
 ) -> Result<Served, AttemptError> {
     let _ = state;
-    prepared.insert(
-        "model".into(),
-        Value::String(backend.upstream_model.clone()),
-    );
-    let body = serde_json::to_vec(prepared).map_err(|e| {
+    let encoded = match prepared {
+        Prepared::Same => serde_json::to_vec(&request::Patched {
+            base: &req.body,
+            model: &backend.upstream_model,
+            stream_usage: req.stream && backend.provider == Provider::Openai,
+            max_tokens: (backend.provider == Provider::Anthropic)
+                .then_some(model.config.max_output_tokens),
+        }),
+        Prepared::Translated(map) => {
+            map.insert(
+                "model".into(),
+                Value::String(backend.upstream_model.clone()),
+            );
+            serde_json::to_vec(map)
+        }
+    };
+    let body = encoded.map_err(|e| {
         AttemptError::Fatal(ApiError::new(ErrorKind::Internal, format!("encoding: {e}")))
     })?;
     let mut builder = Request::post(backend.url.clone())
@@ -682,7 +689,8 @@ mod tests {
         );
         let cfg = parley_crds::GatewayConfig::from_yaml(&text).unwrap();
         let shared = crate::runtime::Shared::new(Arc::new(crate::metrics::Metrics::new())).unwrap();
-        let rt = crate::runtime::build(cfg, &text, std::path::Path::new("/x/c.yaml"), &shared).unwrap();
+        let rt =
+            crate::runtime::build(cfg, &text, std::path::Path::new("/x/c.yaml"), &shared).unwrap();
         Arc::clone(&rt.models["m"])
     }
 

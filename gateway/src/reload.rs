@@ -183,7 +183,11 @@ mod tests {
 
     #[test]
     fn swaps_valid_configs_and_refuses_broken_ones() {
-        let dir = std::env::temp_dir().join(format!("parley-reload-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = std::env::temp_dir().join(format!(
+            "parley-reload-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.yaml");
         std::fs::write(&path, BASE).unwrap();
@@ -195,7 +199,11 @@ mod tests {
         assert!(!reload_once(&state, &mut failure), "nothing changed");
 
         // A new model appears; the old snapshot stays intact for requests holding it.
-        std::fs::write(&path, format!("{BASE}- {{id: t/b, apiKeys: [{{value: k2}}]}}\n")).unwrap();
+        std::fs::write(
+            &path,
+            format!("{BASE}- {{id: t/b, apiKeys: [{{value: k2}}]}}\n"),
+        )
+        .unwrap();
         assert!(reload_once(&state, &mut failure));
         let new = state.runtime.load_full();
         assert!(new.tenant_for_key(b"k2").is_some());
@@ -214,7 +222,10 @@ mod tests {
         assert!(!reload_once(&state, &mut failure));
         assert!(state.runtime.load().tenant_for_key(b"k2").is_some());
         let text = state.metrics.encode();
-        assert!(text.contains("parley_config_reloads_total{result=\"failure\"} 1"), "{text}");
+        assert!(
+            text.contains("parley_config_reloads_total{result=\"failure\"} 1"),
+            "{text}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

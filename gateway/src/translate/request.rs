@@ -19,31 +19,60 @@ fn invalid_at(path: &str, what: &str) -> ApiError {
     ApiError::invalid(format!("`{path}` {what}"))
 }
 
-/// Prepares an OpenAI request for an OpenAI-compatible upstream: the model name is
-/// replaced and streams always ask for usage.
-pub fn openai_passthrough(req: &Obj, upstream_model: &str, stream: bool) -> Obj {
-    let mut out = req.clone();
-    out.insert("model".into(), Value::String(upstream_model.to_string()));
-    if stream {
-        let mut opts = match out.remove("stream_options") {
-            Some(Value::Object(o)) => o,
-            _ => Map::new(),
-        };
-        opts.insert("include_usage".into(), Value::Bool(true));
-        out.insert("stream_options".into(), Value::Object(opts));
-    }
-    out
+/// A same-format request as sent upstream, serialised straight from the client's map
+/// without copying it: `model` replaced, OpenAI streams always asking for usage, and
+/// `max_tokens` filled in for Anthropic when missing.
+pub struct Patched<'a> {
+    /// The client's request.
+    pub base: &'a Obj,
+    /// The upstream model name.
+    pub model: &'a str,
+    /// Force `stream_options.include_usage: true` (OpenAI streams).
+    pub stream_usage: bool,
+    /// `max_tokens` to add when the request has none (Anthropic).
+    pub max_tokens: Option<u32>,
 }
 
-/// Prepares an Anthropic request for an Anthropic upstream: the model name is replaced
-/// and `max_tokens` filled in when missing.
-pub fn anthropic_passthrough(req: &Obj, upstream_model: &str, default_max_tokens: u32) -> Obj {
-    let mut out = req.clone();
-    out.insert("model".into(), Value::String(upstream_model.to_string()));
-    if !out.get("max_tokens").is_some_and(Value::is_u64) {
-        out.insert("max_tokens".into(), Value::from(default_max_tokens));
+impl serde::Serialize for Patched<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        let mut saw_model = false;
+        let mut saw_options = false;
+        let mut saw_max = false;
+        for (k, v) in self.base {
+            match k.as_str() {
+                "model" => {
+                    m.serialize_entry(k, self.model)?;
+                    saw_model = true;
+                }
+                "stream_options" if self.stream_usage => {
+                    let mut opts = v.as_object().cloned().unwrap_or_default();
+                    opts.insert("include_usage".into(), Value::Bool(true));
+                    m.serialize_entry(k, &opts)?;
+                    saw_options = true;
+                }
+                "max_tokens" if self.max_tokens.is_some() && !v.is_u64() => {}
+                "max_tokens" => {
+                    m.serialize_entry(k, v)?;
+                    saw_max = true;
+                }
+                _ => m.serialize_entry(k, v)?,
+            }
+        }
+        if !saw_model {
+            m.serialize_entry("model", self.model)?;
+        }
+        if self.stream_usage && !saw_options {
+            m.serialize_entry("stream_options", &json!({"include_usage": true}))?;
+        }
+        if let Some(max) = self.max_tokens
+            && !saw_max
+        {
+            m.serialize_entry("max_tokens", &max)?;
+        }
+        m.end()
     }
-    out
 }
 
 /// The text of an OpenAI `content` (string or parts) when it is text only.
@@ -694,11 +723,36 @@ mod tests {
 
     #[test]
     fn passthrough_patches_model_and_usage() {
-        let req = obj(json!({"model": "a", "messages": [], "stream": true}));
-        let out = openai_passthrough(&req, "b", true);
+        let req =
+            obj(json!({"model": "a", "messages": [], "stream": true, "stream_options": {"x": 1}}));
+        let p = Patched {
+            base: &req,
+            model: "b",
+            stream_usage: true,
+            max_tokens: None,
+        };
+        let out: Value = serde_json::to_value(&p).unwrap();
         assert_eq!(out["model"], "b");
-        assert_eq!(out["stream_options"]["include_usage"], true);
-        let out = anthropic_passthrough(&req, "c", 77);
-        assert_eq!(out["max_tokens"], 77);
+        assert_eq!(
+            out["stream_options"],
+            json!({"x": 1, "include_usage": true})
+        );
+        let req = obj(json!({"messages": []}));
+        let p = Patched {
+            base: &req,
+            model: "c",
+            stream_usage: false,
+            max_tokens: Some(77),
+        };
+        let out: Value = serde_json::to_value(&p).unwrap();
+        assert_eq!(out, json!({"messages": [], "model": "c", "max_tokens": 77}));
+        let req = obj(json!({"max_tokens": 5, "messages": []}));
+        let p = Patched {
+            base: &req,
+            model: "c",
+            stream_usage: false,
+            max_tokens: Some(77),
+        };
+        assert_eq!(serde_json::to_value(&p).unwrap()["max_tokens"], 5);
     }
 }
