@@ -71,3 +71,30 @@ def test_metrics_record_requests_tokens_and_overhead(start_mock, start_gateway):
     text = gw.metrics()
     assert "secret-model-name-xyz" not in text, "client-supplied names are not labels"
     assert gw.metric("parley_requests_total", status="404") == 1
+
+
+def test_tenant_upstream_keys_override_the_backend_key(start_mock, start_gateway):
+    import hashlib
+
+    def fp(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    oai = start_mock("oai")
+    ant = start_mock("ant")
+    doc = config_doc([model("gpt-4o", [backend(oai)]), model("claude", [backend(ant, "anthropic", name="a")])])
+    doc["tenants"][0]["upstreamKeys"] = [
+        {"model": "gpt-4o", "backend": "primary", "apiKey": {"value": "sk-tenant-own-openai"}},
+        {"model": "claude", "backend": "a", "apiKey": {"value": "sk-tenant-own-anthropic"}},
+    ]
+    gw = start_gateway(doc)
+    assert gw.post("/v1/chat/completions", {"messages": MSG}).status_code == 200
+    last = oai.stats()["last_request"]
+    assert last["api_key"] == fp("sk-tenant-own-openai")
+    assert last["headers"]["authorization"].startswith("Bearer ")
+    from conftest import OTHER_KEY
+    assert gw.post("/v1/chat/completions", {"messages": MSG}, key=OTHER_KEY).status_code == 200
+    assert oai.stats()["last_request"]["api_key"] == fp("upstream-key-primary")
+    assert gw.post("/v1/chat/completions", {"model": "claude", "messages": MSG}).status_code == 200
+    last = ant.stats()["last_request"]
+    assert last["api_key"] == fp("sk-tenant-own-anthropic")
+    assert "x-api-key" in last["headers"] and "authorization" not in last["headers"]

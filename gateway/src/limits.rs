@@ -621,6 +621,39 @@ mod tests {
     }
 
     #[test]
+    fn model_quotas_and_sessions_are_separate_scopes() {
+        let l = MemoryLimiter::default();
+        let q = ModelQuotaConfig {
+            model: "m".into(),
+            requests_per_minute: Some(1),
+            tokens_per_minute: None,
+        };
+        let none = RateLimitConfig::default();
+        let mut r = req(&none, 0);
+        r.rate_limit = None;
+        r.quota = Some(&q);
+        let t0 = Instant::now();
+        l.admit_at(&r, t0).unwrap();
+        let e = l.admit_at(&r, t0).unwrap_err();
+        assert!(e.message.contains("model quota"), "{}", e.message);
+        // Another model of the same tenant is not limited by that quota.
+        let mut other = r.clone();
+        other.model = "n";
+        other.quota = None;
+        l.admit_at(&other, t0).unwrap();
+        // Sessions: per tenant and session id.
+        let mut s = other.clone();
+        s.session = Some(("s1", 1));
+        l.admit_at(&s, t0).unwrap();
+        assert!(l.admit_at(&s, t0).unwrap_err().message.contains("session"));
+        s.session = Some(("s2", 1));
+        l.admit_at(&s, t0).unwrap();
+        s.tenant = "other";
+        s.session = Some(("s1", 1));
+        l.admit_at(&s, t0).unwrap();
+    }
+
+    #[test]
     fn month_arithmetic() {
         assert_eq!(civil_from_days(0), (1970, 1));
         assert_eq!(days_from_civil(2024, 3), 19_783);
