@@ -1,0 +1,254 @@
+// parley-controlplane: a real kube-apiserver with an embedded etcd, for tests.
+//
+// It generates a CA, a serving certificate, an admin client certificate (group
+// system:masters) and service-account signing keys under DIR/pki, starts etcd
+// (in this process) and kube-apiserver (also in this process) on free loopback
+// ports, writes DIR/kubeconfig, and prints "ready" on stdout once the API
+// server answers /readyz. SIGTERM or SIGINT stops it. See README.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+type config struct {
+	dataDir           string
+	port              int
+	logFile           string
+	verbosity         int
+	exitOnStdinClose  bool
+	exitWithParent    bool
+	removeDataDir     bool
+	controllers       bool
+	startTimeout      time.Duration
+	extraAPIServerArg []string
+}
+
+func main() {
+	os.Exit(run())
+}
+
+// errOut is the process's original stderr, kept when fd 2 is redirected to the log file.
+var errOut io.Writer = os.Stderr
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(errOut, "parley-controlplane: "+format+"\n", args...)
+}
+
+func parseFlags() (*config, error) {
+	c := &config{}
+	fs := flag.NewFlagSet("parley-controlplane", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: parley-controlplane --data-dir DIR [flags] [-- extra kube-apiserver flags]\n\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&c.dataDir, "data-dir", "", "directory for etcd data, certificates, kubeconfig and logs (required)")
+	fs.IntVar(&c.port, "port", 0, "secure port of the API server on 127.0.0.1 (0 = a free port)")
+	fs.StringVar(&c.logFile, "log-file", "", "where etcd and kube-apiserver log (default DIR/apiserver.log; - = stderr)")
+	fs.IntVar(&c.verbosity, "v", 0, "klog verbosity of the API server")
+	fs.BoolVar(&c.exitOnStdinClose, "exit-on-stdin-close", false, "shut down when standard input reaches end of file (the parent died)")
+	fs.BoolVar(&c.exitWithParent, "exit-with-parent", false, "shut down when the parent process exits")
+	fs.BoolVar(&c.removeDataDir, "remove-data-dir", false, "delete the data directory on exit")
+	fs.BoolVar(&c.controllers, "controllers", true, "run the garbage-collector, namespace, deployment and replicaset controllers")
+	fs.DurationVar(&c.startTimeout, "start-timeout", 2*time.Minute, "give up when the API server is not ready by then")
+	if err := fs.Parse(os.Args[1:]); err != nil {
+		return nil, err
+	}
+	c.extraAPIServerArg = fs.Args()
+	if c.dataDir == "" {
+		fs.Usage()
+		return nil, errors.New("--data-dir is required")
+	}
+	abs, err := filepath.Abs(c.dataDir)
+	if err != nil {
+		return nil, err
+	}
+	c.dataDir = abs
+	if c.logFile == "" {
+		c.logFile = filepath.Join(c.dataDir, "apiserver.log")
+	}
+	return c, nil
+}
+
+func run() int {
+	c, err := parseFlags()
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		logf("%v", err)
+		return 2
+	}
+	if err := os.MkdirAll(c.dataDir, 0o700); err != nil {
+		logf("%v", err)
+		return 1
+	}
+	if c.removeDataDir {
+		defer os.RemoveAll(c.dataDir)
+	}
+	if c.logFile != "-" {
+		if err := redirectStderr(c.logFile); err != nil {
+			logf("redirect logs: %v", err)
+			return 1
+		}
+	}
+
+	ctx, cancel := context.WithCancelCause(context.Background())
+	defer cancel(nil)
+	watchForShutdown(ctx, cancel, c)
+
+	if err := serve(ctx, c); err != nil {
+		logf("%v", err)
+		if c.logFile != "-" {
+			logf("logs: %s", c.logFile)
+		}
+		return 1
+	}
+	return 0
+}
+
+// redirectStderr points file descriptor 2 at path, so that everything the
+// API server, etcd, gRPC and the Go runtime write lands there; our own
+// messages still go to the original stderr.
+func redirectStderr(path string) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	orig, err := unix.Dup(2)
+	if err != nil {
+		return err
+	}
+	errOut = os.NewFile(uintptr(orig), "stderr")
+	if err := unix.Dup3(int(f.Fd()), 2, 0); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// watchForShutdown cancels ctx on SIGTERM/SIGINT, on end of stdin or when the
+// parent goes away (as asked). A second signal exits at once.
+func watchForShutdown(ctx context.Context, cancel context.CancelCauseFunc, c *config) {
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	go func() {
+		s := <-sigs
+		cancel(fmt.Errorf("signal %v", s))
+		<-sigs
+		logf("second signal, exiting now")
+		os.Exit(1)
+	}()
+	if c.exitOnStdinClose {
+		go func() {
+			_, _ = io.Copy(io.Discard, os.Stdin)
+			cancel(errors.New("standard input closed"))
+		}()
+	}
+	if c.exitWithParent {
+		parent := os.Getppid()
+		go func() {
+			t := time.NewTicker(500 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					if os.Getppid() != parent {
+						cancel(errors.New("parent process exited"))
+						return
+					}
+				}
+			}
+		}()
+	}
+}
+
+func serve(ctx context.Context, c *config) error {
+	pki, err := ensurePKI(filepath.Join(c.dataDir, "pki"))
+	if err != nil {
+		return fmt.Errorf("certificates: %w", err)
+	}
+
+	etcd, etcdURL, err := startEtcd(ctx, filepath.Join(c.dataDir, "etcd"), c.logFile)
+	if err != nil {
+		return fmt.Errorf("etcd: %w", err)
+	}
+	defer etcd.Close()
+
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", c.port))
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	server := fmt.Sprintf("https://127.0.0.1:%d", port)
+
+	apiCtx, stopAPI := context.WithCancel(context.Background())
+	defer stopAPI()
+	apiDone := make(chan error, 1)
+	go func() {
+		apiDone <- runAPIServer(apiCtx, c, pki, etcdURL, ln, port)
+	}()
+
+	kubeconfig := filepath.Join(c.dataDir, "kubeconfig")
+	if err := writeKubeconfig(kubeconfig, server, pki); err != nil {
+		return err
+	}
+
+	readyCtx, readyCancel := context.WithTimeout(ctx, c.startTimeout)
+	err = waitReady(readyCtx, server, pki, apiDone, etcd.Err())
+	readyCancel()
+	if err != nil {
+		if cause := context.Cause(ctx); cause != nil {
+			return nil // asked to stop while starting
+		}
+		return fmt.Errorf("API server did not become ready: %w", err)
+	}
+
+	var ctrlDone <-chan struct{}
+	if c.controllers {
+		ctrlDone, err = startControllers(apiCtx, kubeconfig)
+		if err != nil {
+			return fmt.Errorf("controllers: %w", err)
+		}
+	}
+
+	fmt.Fprintf(os.Stdout, "ready\n")
+	os.Stdout.Sync()
+	logf("ready at %s (kubeconfig %s)", server, kubeconfig)
+
+	select {
+	case <-ctx.Done():
+		logf("stopping: %v", context.Cause(ctx))
+	case err := <-apiDone:
+		return fmt.Errorf("API server stopped: %v", err)
+	case err := <-etcd.Err():
+		return fmt.Errorf("etcd stopped: %v", err)
+	}
+
+	stopAPI()
+	if ctrlDone != nil {
+		select {
+		case <-ctrlDone:
+		case <-time.After(5 * time.Second):
+		}
+	}
+	select {
+	case <-apiDone:
+	case <-time.After(10 * time.Second):
+		logf("API server did not stop within 10s; exiting anyway")
+	}
+	return nil
+}
