@@ -24,11 +24,11 @@ import (
 const adminUser = "parley-admin"
 
 type pkiFiles struct {
-	dir                    string
-	caCert, caKey          string
+	dir                     string
+	caCert, caKey           string
 	servingCert, servingKey string
-	adminCert, adminKey    string
-	saKey                  string
+	adminCert, adminKey     string
+	saKey                   string
 }
 
 func pkiPaths(dir string) pkiFiles {
