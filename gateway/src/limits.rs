@@ -55,7 +55,7 @@ pub struct Refusal {
 pub struct Reservation {
     tenant: String,
     model: String,
-    seq: u64,
+    slot: u64,
     tokens: u64,
     cost_micros: i64,
     month: u32,
@@ -114,109 +114,115 @@ impl RequestLog {
     }
 }
 
-/// Sliding token log with reservations that can be settled later.
-#[derive(Debug, Default)]
-struct TokenLog {
-    entries: VecDeque<(Instant, u64, u64)>,
-    sum: u64,
-}
-
-impl TokenLog {
-    fn evict(&mut self, now: Instant, window: Duration) {
-        while let Some(&(t, _, n)) = self.entries.front() {
-            if now.duration_since(t) >= window {
-                self.sum -= n;
-                self.entries.pop_front();
-            } else {
-                break;
-            }
-        }
-    }
-    fn check(
-        &mut self,
-        now: Instant,
-        window: Duration,
-        limit: u64,
-        tokens: u64,
-    ) -> Result<(), u64> {
-        self.evict(now, window);
-        if self.sum + tokens <= limit {
-            return Ok(());
-        }
-        if tokens > limit {
-            return Err(ceil_secs(window));
-        }
-        let mut freed = 0;
-        for &(t, _, n) in &self.entries {
-            freed += n;
-            if self.sum - freed + tokens <= limit {
-                return Err(ceil_secs((t + window).saturating_duration_since(now)));
-            }
-        }
-        Err(ceil_secs(window))
-    }
-    fn add(&mut self, now: Instant, seq: u64, tokens: u64) {
-        self.entries.push_back((now, seq, tokens));
-        self.sum += tokens;
-    }
-    fn settle(&mut self, seq: u64, tokens: u64) {
-        if let Ok(i) = self.entries.binary_search_by_key(&seq, |e| e.1) {
-            let old = self.entries[i].2;
-            self.entries[i].2 = tokens;
-            self.sum = self.sum - old + tokens;
-        }
-    }
-}
-
-/// Counts in sixty sub-windows (for hour and day limits).
+/// Counts in `S` fixed slots of one width. The live window is the last `S` slots
+/// including the current one, so it spans between `S - 1` and `S` slot widths. Memory is
+/// fixed whatever the traffic.
 #[derive(Debug)]
-struct SubWindows {
-    slots: [(u64, u64); 60],
+struct Slots<const S: usize> {
+    slots: [(u64, u64); S],
 }
 
-impl Default for SubWindows {
+impl<const S: usize> Default for Slots<S> {
     fn default() -> Self {
         Self {
-            slots: [(u64::MAX, 0); 60],
+            slots: [(u64::MAX, 0); S],
         }
     }
 }
 
-impl SubWindows {
+impl<const S: usize> Slots<S> {
     fn index(base: Instant, now: Instant, width: Duration) -> u64 {
-        (now.duration_since(base).as_millis() / width.as_millis().max(1)) as u64
+        (now.duration_since(base).as_nanos() / width.as_nanos().max(1)) as u64
     }
-    fn count(&self, current: u64) -> u64 {
+
+    fn live(&self, current: u64) -> impl Iterator<Item = &(u64, u64)> {
         self.slots
             .iter()
-            .filter(|(i, _)| *i != u64::MAX && *i + 60 > current)
-            .map(|(_, n)| n)
-            .sum()
+            .filter(move |(i, _)| *i != u64::MAX && *i + S as u64 > current)
     }
-    fn check(&self, base: Instant, now: Instant, window: Duration, limit: u64) -> Result<(), u64> {
-        let width = window / 60;
+
+    /// `Err(seconds)` if `amount` more would exceed `limit`.
+    fn check(
+        &self,
+        base: Instant,
+        now: Instant,
+        width: Duration,
+        limit: u64,
+        amount: u64,
+    ) -> Result<(), u64> {
         let current = Self::index(base, now, width);
-        if self.count(current) < limit {
+        let sum: u64 = self.live(current).map(|s| s.1).sum();
+        if sum + amount <= limit {
             return Ok(());
         }
-        let oldest = self
-            .slots
-            .iter()
-            .filter(|(i, n)| *i != u64::MAX && *i + 60 > current && *n > 0)
-            .map(|(i, _)| *i)
-            .min()
-            .unwrap_or(current);
-        let frees_at = base + width * u32::try_from(oldest + 60).unwrap_or(u32::MAX);
-        Err(ceil_secs(frees_at.saturating_duration_since(now)))
+        let span = width * S as u32;
+        if amount > limit {
+            return Err(ceil_secs(span));
+        }
+        let mut live: Vec<(u64, u64)> = self.live(current).copied().collect();
+        live.sort_unstable();
+        let mut freed = 0;
+        for (idx, n) in live {
+            freed += n;
+            if sum - freed + amount <= limit {
+                let frees_at = base + width * u32::try_from(idx + S as u64).unwrap_or(u32::MAX);
+                return Err(ceil_secs(frees_at.saturating_duration_since(now)));
+            }
+        }
+        Err(ceil_secs(span))
     }
-    fn add(&mut self, base: Instant, now: Instant, window: Duration) {
-        let width = window / 60;
+
+    /// Counts `amount` now; returns the slot (for [`Slots::adjust`]).
+    fn add(&mut self, base: Instant, now: Instant, width: Duration, amount: u64) -> u64 {
         let current = Self::index(base, now, width);
-        let slot = &mut self.slots[(current % 60) as usize];
+        let slot = &mut self.slots[(current % S as u64) as usize];
         if slot.0 != current {
             *slot = (current, 0);
         }
-        slot.1 += 1;
+        slot.1 += amount;
+        current
+    }
+
+    /// Replaces `old` counted in slot `idx` by `new` (if the slot is still there).
+    fn adjust(&mut self, idx: u64, old: u64, new: u64) {
+        let slot = &mut self.slots[(idx % S as u64) as usize];
+        if slot.0 == idx {
+            slot.1 = slot.1.saturating_sub(old) + new;
+        }
+    }
+}
+
+/// Per-minute token counting: 1-second slots over 61 s, so no 60-second window ever
+/// holds more than the limit.
+type TokenSlots = Slots<61>;
+/// Hour and day limits count in sixty sub-windows.
+type SubWindows = Slots<60>;
+const SECOND: Duration = Duration::from_secs(1);
+/// Up to this limit a per-minute request limit keeps an exact log of request times;
+/// above it, 1-second slots (bounded memory, at most one second conservative).
+const EXACT_LOG_MAX: u64 = 10_000;
+
+/// Requests per minute: exact below [`EXACT_LOG_MAX`], slotted above.
+#[derive(Debug, Default)]
+struct MinuteRequests {
+    exact: RequestLog,
+    slots: Slots<61>,
+}
+
+impl MinuteRequests {
+    fn check(&mut self, base: Instant, now: Instant, limit: u64) -> Result<(), u64> {
+        if limit <= EXACT_LOG_MAX {
+            self.exact.check(now, MINUTE, limit)
+        } else {
+            self.slots.check(base, now, SECOND, limit, 1)
+        }
+    }
+    fn add(&mut self, base: Instant, now: Instant, limit: u64) {
+        if limit <= EXACT_LOG_MAX {
+            self.exact.add(now);
+        } else {
+            self.slots.add(base, now, SECOND, 1);
+        }
     }
 }
 
@@ -231,11 +237,11 @@ fn ceil_secs(d: Duration) -> u64 {
 
 #[derive(Debug, Default)]
 struct TenantState {
-    rpm: RequestLog,
+    rpm: MinuteRequests,
     rph: SubWindows,
     rpd: SubWindows,
-    tpm: TokenLog,
-    models: HashMap<String, (RequestLog, TokenLog)>,
+    tpm: TokenSlots,
+    models: HashMap<String, (MinuteRequests, TokenSlots)>,
     month: u32,
     spent_micros: i64,
 }
@@ -253,7 +259,6 @@ pub struct MemoryLimiter {
 
 #[derive(Debug, Default)]
 struct MemoryState {
-    seq: u64,
     tenants: HashMap<String, TenantState>,
     sessions: HashMap<(String, String), RequestLog>,
 }
@@ -329,8 +334,6 @@ impl MemoryLimiter {
         let month = current_month();
         let mut guard = self.inner.lock();
         let state = &mut *guard;
-        state.seq += 1;
-        let seq = state.seq;
         if let Some((session, rpm)) = req.session {
             let log = state
                 .sessions
@@ -345,10 +348,17 @@ impl MemoryLimiter {
                 )
             })?;
         }
-        let t = state.tenants.entry(req.tenant.to_string()).or_default();
+        if !state.tenants.contains_key(req.tenant) {
+            state
+                .tenants
+                .insert(req.tenant.to_string(), TenantState::default());
+        }
+        let Some(t) = state.tenants.get_mut(req.tenant) else {
+            return Err(refuse("tenant state".into(), 1, 0, "requests"));
+        };
         if let Some(rl) = req.rate_limit {
             if let Some(n) = rl.requests_per_minute {
-                t.rpm.check(now, MINUTE, n).map_err(|s| {
+                t.rpm.check(base, now, n).map_err(|s| {
                     refuse(
                         format!("tenant limit requestsPerMinute ({n})"),
                         s,
@@ -358,7 +368,7 @@ impl MemoryLimiter {
                 })?;
             }
             if let Some(n) = rl.requests_per_hour {
-                t.rph.check(base, now, HOUR, n).map_err(|s| {
+                t.rph.check(base, now, HOUR / 60, n, 1).map_err(|s| {
                     refuse(
                         format!("tenant limit requestsPerHour ({n})"),
                         s,
@@ -368,7 +378,7 @@ impl MemoryLimiter {
                 })?;
             }
             if let Some(n) = rl.requests_per_day {
-                t.rpd.check(base, now, DAY, n).map_err(|s| {
+                t.rpd.check(base, now, DAY / 60, n, 1).map_err(|s| {
                     refuse(
                         format!("tenant limit requestsPerDay ({n})"),
                         s,
@@ -378,15 +388,19 @@ impl MemoryLimiter {
                 })?;
             }
             if let Some(n) = rl.tokens_per_minute {
-                t.tpm.check(now, MINUTE, n, req.tokens).map_err(|s| {
+                t.tpm.check(base, now, SECOND, n, req.tokens).map_err(|s| {
                     refuse(format!("tenant limit tokensPerMinute ({n}; this request reserves {} tokens: prompt + max_tokens)", req.tokens), s, n, "tokens")
                 })?;
             }
         }
-        if let Some(q) = req.quota {
-            let (rlog, tlog) = t.models.entry(req.model.to_string()).or_default();
+        if req.quota.is_some() && !t.models.contains_key(req.model) {
+            t.models.insert(req.model.to_string(), Default::default());
+        }
+        if let Some(q) = req.quota
+            && let Some((rlog, tlog)) = t.models.get_mut(req.model)
+        {
             if let Some(n) = q.requests_per_minute {
-                rlog.check(now, MINUTE, n).map_err(|s| {
+                rlog.check(base, now, n).map_err(|s| {
                     refuse(
                         format!("model quota requestsPerMinute ({n}) on {}", req.model),
                         s,
@@ -396,7 +410,7 @@ impl MemoryLimiter {
                 })?;
             }
             if let Some(n) = q.tokens_per_minute {
-                tlog.check(now, MINUTE, n, req.tokens).map_err(|s| {
+                tlog.check(base, now, SECOND, n, req.tokens).map_err(|s| {
                     refuse(
                         format!("model quota tokensPerMinute ({n}) on {}", req.model),
                         s,
@@ -426,27 +440,29 @@ impl MemoryLimiter {
             });
         }
         // Every scope passed: count the request in each.
+        let mut slot = 0;
         if let Some(rl) = req.rate_limit {
-            if rl.requests_per_minute.is_some() {
-                t.rpm.add(now);
+            if let Some(n) = rl.requests_per_minute {
+                t.rpm.add(base, now, n);
             }
             if rl.requests_per_hour.is_some() {
-                t.rph.add(base, now, HOUR);
+                t.rph.add(base, now, HOUR / 60, 1);
             }
             if rl.requests_per_day.is_some() {
-                t.rpd.add(base, now, DAY);
+                t.rpd.add(base, now, DAY / 60, 1);
             }
             if rl.tokens_per_minute.is_some() {
-                t.tpm.add(now, seq, req.tokens);
+                slot = t.tpm.add(base, now, SECOND, req.tokens);
             }
         }
-        if let Some(q) = req.quota {
-            let (rlog, tlog) = t.models.entry(req.model.to_string()).or_default();
-            if q.requests_per_minute.is_some() {
-                rlog.add(now);
+        if let Some(q) = req.quota
+            && let Some((rlog, tlog)) = t.models.get_mut(req.model)
+        {
+            if let Some(n) = q.requests_per_minute {
+                rlog.add(base, now, n);
             }
             if q.tokens_per_minute.is_some() {
-                tlog.add(now, seq, req.tokens);
+                slot = tlog.add(base, now, SECOND, req.tokens);
             }
         }
         t.spent_micros += req.cost_micros;
@@ -466,7 +482,7 @@ impl MemoryLimiter {
         Ok(Reservation {
             tenant: req.tenant.to_string(),
             model: req.model.to_string(),
-            seq,
+            slot,
             tokens: req.tokens,
             cost_micros: req.cost_micros,
             month,
@@ -479,14 +495,13 @@ impl MemoryLimiter {
         let Some(t) = guard.tenants.get_mut(&r.tenant) else {
             return;
         };
-        t.tpm.settle(r.seq, tokens);
+        t.tpm.adjust(r.slot, r.tokens, tokens);
         if let Some((_, tlog)) = t.models.get_mut(&r.model) {
-            tlog.settle(r.seq, tokens);
+            tlog.adjust(r.slot, r.tokens, tokens);
         }
         if t.month == r.month {
             t.spent_micros += cost_micros - r.cost_micros;
         }
-        let _ = r.tokens;
     }
 
     /// Micro-USD spent (and reserved) by a tenant this month.
@@ -552,6 +567,29 @@ mod tests {
             .admit_at(&req(&rl, 0), t0 + Duration::from_secs(61))
             .unwrap_err();
         assert_eq!(e.retry_after, 29);
+    }
+
+    #[test]
+    fn large_per_minute_limits_use_bounded_slots() {
+        let l = MemoryLimiter::default();
+        let rl = RateLimitConfig {
+            requests_per_minute: Some(20_000),
+            ..Default::default()
+        };
+        let t0 = l.base;
+        for _ in 0..20_000 {
+            l.admit_at(&req(&rl, 0), t0).unwrap();
+        }
+        let e = l
+            .admit_at(&req(&rl, 0), t0 + Duration::from_secs(59))
+            .unwrap_err();
+        assert_eq!(e.retry_after, 2, "conservative by at most one second");
+        assert!(
+            l.admit_at(&req(&rl, 0), t0 + Duration::from_millis(60_500))
+                .is_err()
+        );
+        l.admit_at(&req(&rl, 0), t0 + Duration::from_secs(61))
+            .unwrap();
     }
 
     #[test]
