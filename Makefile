@@ -58,6 +58,9 @@ test-rust: toolchain $(CONTROLPLANE_BIN)
 test-python: $(VENV)/.installed build
 	$(PYTHON) -m pytest -q e2e/manifests $(wildcard e2e/python)
 
+bench: toolchain ## Gateway vs nginx proxy_pass on this machine; writes BENCHMARKS.md (not in CI)
+	@scripts/bench.sh
+
 clean: ## Remove build outputs and the virtualenv
 	$(CARGO) clean
 	rm -rf $(VENV)
