@@ -31,6 +31,7 @@ type config struct {
 	exitOnStdinClose  bool
 	exitWithParent    bool
 	removeDataDir     bool
+	gracefulStop      bool
 	controllers       bool
 	startTimeout      time.Duration
 	extraAPIServerArg []string
@@ -60,7 +61,8 @@ func parseFlags() (*config, error) {
 	fs.IntVar(&c.verbosity, "v", 0, "klog verbosity of the API server")
 	fs.BoolVar(&c.exitOnStdinClose, "exit-on-stdin-close", false, "shut down when standard input reaches end of file (the parent died)")
 	fs.BoolVar(&c.exitWithParent, "exit-with-parent", false, "shut down when the parent process exits")
-	fs.BoolVar(&c.removeDataDir, "remove-data-dir", false, "delete the data directory on exit")
+	fs.BoolVar(&c.removeDataDir, "remove-data-dir", false, "delete the data directory when stopping normally (it is kept after a failure)")
+	fs.BoolVar(&c.gracefulStop, "graceful-stop", false, "on SIGTERM, let the API server drain requests (up to 30s) instead of stopping within a quarter of a second")
 	fs.BoolVar(&c.controllers, "controllers", true, "run the garbage-collector, namespace, deployment and replicaset controllers")
 	fs.DurationVar(&c.startTimeout, "start-timeout", 2*time.Minute, "give up when the API server is not ready by then")
 	if err := fs.Parse(os.Args[1:]); err != nil {
@@ -95,9 +97,6 @@ func run() int {
 		logf("%v", err)
 		return 1
 	}
-	if c.removeDataDir {
-		defer os.RemoveAll(c.dataDir)
-	}
 	if c.logFile != "-" {
 		if err := redirectStderr(c.logFile); err != nil {
 			logf("redirect logs: %v", err)
@@ -114,7 +113,12 @@ func run() int {
 		if c.logFile != "-" {
 			logf("logs: %s", c.logFile)
 		}
-		return 1
+		return 1 // keep the data directory (and its log) to look at
+	}
+	if c.removeDataDir {
+		if err := os.RemoveAll(c.dataDir); err != nil {
+			logf("remove %s: %v", c.dataDir, err)
+		}
 	}
 	return 0
 }
@@ -238,17 +242,26 @@ func serve(ctx context.Context, c *config) error {
 		return fmt.Errorf("etcd stopped: %v", err)
 	}
 
+	stopping := time.Now()
+	defer func() { logf("stopped in %v", time.Since(stopping).Round(time.Millisecond)) }()
 	stopAPI()
+	// A test server needs no graceful drain: by default give the API server a moment,
+	// then close etcd and exit.
+	limit := 250 * time.Millisecond
+	if c.gracefulStop {
+		limit = 30 * time.Second
+	}
+	deadline, cancelDeadline := context.WithTimeout(context.Background(), limit)
+	defer cancelDeadline()
 	if ctrlDone != nil {
 		select {
 		case <-ctrlDone:
-		case <-time.After(5 * time.Second):
+		case <-deadline.Done():
 		}
 	}
 	select {
 	case <-apiDone:
-	case <-time.After(10 * time.Second):
-		logf("API server did not stop within 10s; exiting anyway")
+	case <-deadline.Done():
 	}
 	return nil
 }
