@@ -222,6 +222,9 @@ impl ControlPlane {
         let started = Instant::now();
         match rx.recv_timeout(READY_TIMEOUT) {
             Ok(true) => {
+                if keep_data() {
+                    eprintln!("control plane data directory: {}", cp.data_dir.display());
+                }
                 tracing::info!(
                     "control plane ready in {:?} ({})",
                     started.elapsed(),
