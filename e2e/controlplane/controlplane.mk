@@ -20,7 +20,7 @@ CONTROLPLANE_LDFLAGS = -s -w \
 
 .PHONY: controlplane controlplane-clean
 
-controlplane: $(CONTROLPLANE_BIN)
+controlplane: $(CONTROLPLANE_BIN) ## Build the test kube-apiserver + etcd (target/controlplane/parley-controlplane)
 
 $(CONTROLPLANE_BIN): $(CONTROLPLANE_SRCS)
 	@command -v go >/dev/null 2>&1 || { \
