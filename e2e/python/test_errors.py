@@ -152,3 +152,33 @@ def test_rate_limit_and_budget(setup):
     assert r.status_code == 402
     assert "budget" in openai_error(r)["message"]
     assert gw.metric("parley_limit_refusals_total", limit="budget") == 1
+
+
+HOSTILE = [
+    b"", b"null", b"[]", b'"x"', b"{}", b'{"messages": null}', b'{"messages": [1, 2]}',
+    b'{"messages": [{"role": 5}]}', b'{"messages": [{"role": "user", "content": {"a": 1}}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "weird"}]}]}',
+    b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"stream": "yes", "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": 18446744073709551615, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": 1e300, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"tools": "nope", "tool_choice": 7, "messages": [{"role": "user", "content": "x"}]}',
+    b'{"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]}',
+    b'{"messages": [{"role": "tool", "content": "x"}]}',
+    b'{"system": 5, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}',
+    b'\xff\xfe\x00garbage', b'{"messages": [' * 2000,
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/chat"])
+@pytest.mark.parametrize("model_name", ["gpt-4o", "claude"])
+def test_hostile_bodies_never_cause_a_500(setup, path, model_name):
+    gw, _, _ = setup
+    for raw in HOSTILE:
+        body = raw.replace(b'"messages"', b'"model": "' + model_name.encode() + b'", "messages"', 1) if raw.startswith(b"{\"") and b'"model"' not in raw else raw
+        r = gw.http.post(path, content=body, headers={"authorization": f"Bearer {TENANT_KEY}", "content-type": "application/json"})
+        assert r.status_code < 500 or r.status_code in (502, 503, 504), (raw[:80], r.status_code, r.text)
+        assert r.status_code != 500
+        assert r.json(), raw[:80]
+    assert gw.proc.alive()

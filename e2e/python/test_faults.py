@@ -74,14 +74,14 @@ def test_hanging_backend_times_out_and_falls_back(pair):
     raw = oai(gw).chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG)
     elapsed = time.monotonic() - t0
     assert raw.headers["x-parley-model"] == "backup"
-    assert 0.55 <= elapsed < 1.5, elapsed
+    assert 0.55 <= elapsed < 2.5, elapsed
     assert p.requests() == 1 and b.requests() == 1
     # A streamed request too.
     t0 = time.monotonic()
     text = "".join(c.choices[0].delta.content or "" for c in oai(gw).chat.completions.create(
         model="gpt-4o", messages=MSG, stream=True) if c.choices)
     assert "Hello from backup" in text
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 2.5
 
 
 def test_breaker_opens_then_sends_one_probe(pair):
@@ -131,7 +131,7 @@ def test_stream_failing_before_first_byte_falls_back(pair):
                      json={"model": "gpt-4o", "messages": MSG, "stream": True}, timeout=10)
     assert raw.headers["x-parley-model"] == "backup"
     assert "Hello" in raw.text and raw.text.rstrip().endswith("data: [DONE]")
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 2.5
 
 
 @pytest.mark.parametrize("fault", ["drop_after_tokens", "error_event_after_tokens"])

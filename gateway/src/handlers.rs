@@ -111,7 +111,7 @@ impl Accounting {
         }
         if let Some(r) = self.reservation.take() {
             let limiter = Arc::clone(&self.state.limiter);
-            let tokens = usage.input + usage.output;
+            let tokens = usage.input.saturating_add(usage.output);
             tokio::spawn(async move { limiter.settle(r, tokens, cost).await });
         }
     }
@@ -328,7 +328,7 @@ async fn admit(
 ) -> Result<Admission, ApiError> {
     let prompt = estimate_prompt_tokens(body_len);
     let max_out = requested_max_tokens(body).unwrap_or(u64::from(model.config.max_output_tokens));
-    let tokens = prompt + max_out;
+    let tokens = prompt.saturating_add(max_out);
     let cost = cost_at(model.chain_price, prompt, max_out);
     let req = LimitRequest {
         tenant: &tenant.id,
@@ -834,7 +834,7 @@ pub async fn chat(
                 "reply": reply,
                 "model": by.model.name.as_str(),
                 "usage": {"prompt_tokens": usage.input, "completion_tokens": usage.output,
-                          "total_tokens": usage.input + usage.output},
+                          "total_tokens": usage.input.saturating_add(usage.output)},
             });
             let overhead = start.elapsed().saturating_sub(by.upstream_wait);
             state.metrics.overhead.observe(overhead.as_secs_f64());

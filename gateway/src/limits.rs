@@ -151,8 +151,8 @@ impl<const S: usize> Slots<S> {
         amount: u64,
     ) -> Result<(), u64> {
         let current = Self::index(base, now, width);
-        let sum: u64 = self.live(current).map(|s| s.1).sum();
-        if sum + amount <= limit {
+        let sum: u64 = self.live(current).fold(0u64, |a, s| a.saturating_add(s.1));
+        if sum.saturating_add(amount) <= limit {
             return Ok(());
         }
         let span = width * S as u32;
@@ -161,10 +161,10 @@ impl<const S: usize> Slots<S> {
         }
         let mut live: Vec<(u64, u64)> = self.live(current).copied().collect();
         live.sort_unstable();
-        let mut freed = 0;
+        let mut freed: u64 = 0;
         for (idx, n) in live {
-            freed += n;
-            if sum - freed + amount <= limit {
+            freed = freed.saturating_add(n);
+            if sum.saturating_sub(freed).saturating_add(amount) <= limit {
                 let frees_at = base + width * u32::try_from(idx + S as u64).unwrap_or(u32::MAX);
                 return Err(ceil_secs(frees_at.saturating_duration_since(now)));
             }
@@ -179,7 +179,7 @@ impl<const S: usize> Slots<S> {
         if slot.0 != current {
             *slot = (current, 0);
         }
-        slot.1 += amount;
+        slot.1 = slot.1.saturating_add(amount);
         current
     }
 
@@ -187,7 +187,7 @@ impl<const S: usize> Slots<S> {
     fn adjust(&mut self, idx: u64, old: u64, new: u64) {
         let slot = &mut self.slots[(idx % S as u64) as usize];
         if slot.0 == idx {
-            slot.1 = slot.1.saturating_sub(old) + new;
+            slot.1 = slot.1.saturating_sub(old).saturating_add(new);
         }
     }
 }
@@ -425,7 +425,7 @@ impl MemoryLimiter {
             t.spent_micros = 0;
         }
         if let Some(budget) = req.budget_micros
-            && (t.spent_micros >= budget || t.spent_micros + req.cost_micros > budget)
+            && (t.spent_micros >= budget || t.spent_micros.saturating_add(req.cost_micros) > budget)
         {
             return Err(Refusal {
                 budget: true,
@@ -465,7 +465,7 @@ impl MemoryLimiter {
                 slot = tlog.add(base, now, SECOND, req.tokens);
             }
         }
-        t.spent_micros += req.cost_micros;
+        t.spent_micros = t.spent_micros.saturating_add(req.cost_micros);
         if let Some((session, _)) = req.session
             && let Some(log) = state
                 .sessions
@@ -500,7 +500,9 @@ impl MemoryLimiter {
             tlog.adjust(r.slot, r.tokens, tokens);
         }
         if t.month == r.month {
-            t.spent_micros += cost_micros - r.cost_micros;
+            t.spent_micros = t
+                .spent_micros
+                .saturating_add(cost_micros.saturating_sub(r.cost_micros));
         }
     }
 

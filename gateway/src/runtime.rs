@@ -243,6 +243,7 @@ fn build_client(connect_ms: u64, tls: &rustls::ClientConfig) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
+        .http1_writev(false)
         .build(connector)
 }
 
@@ -318,13 +319,36 @@ fn source_name(source: &SecretSource, base: &Path) -> String {
     }
 }
 
+/// Longest duration any setting may mean (absurd values would overflow clocks).
+const MAX_SECONDS: u64 = 366 * 86_400;
+
+/// Caps every duration of the config at [`MAX_SECONDS`].
+fn clamp_durations(config: &mut GatewayConfig) {
+    let ms = MAX_SECONDS * 1000;
+    for m in &mut config.models {
+        for b in &mut m.backends {
+            b.timeouts.connect_ms = b.timeouts.connect_ms.min(ms);
+            b.timeouts.first_token_ms = b.timeouts.first_token_ms.min(ms);
+            b.timeouts.total_ms = b.timeouts.total_ms.min(ms);
+        }
+        m.retry.initial_backoff_ms = m.retry.initial_backoff_ms.min(ms);
+        m.retry.max_backoff_ms = m.retry.max_backoff_ms.min(ms);
+        m.circuit_breaker.open_seconds = m.circuit_breaker.open_seconds.min(MAX_SECONDS);
+        if let Some(c) = &mut m.cache {
+            c.ttl_seconds = c.ttl_seconds.min(MAX_SECONDS);
+        }
+    }
+    config.sessions.ttl_seconds = config.sessions.ttl_seconds.min(MAX_SECONDS);
+}
+
 /// Builds the live state. `text` is the config file's content (hashed).
 pub fn build(
-    config: GatewayConfig,
+    mut config: GatewayConfig,
     text: &str,
     config_path: &Path,
     shared: &Shared,
 ) -> Result<Runtime, Vec<String>> {
+    clamp_durations(&mut config);
     let base = secrets_base(&config, config_path);
     let mut problems = Vec::new();
     let mut hasher = Sha256::new();

@@ -66,9 +66,10 @@ pub fn anthropic_usage(body: &[u8]) -> Option<Usage> {
         .ok()?
         .usage?;
     Some(Usage {
-        input: u.input_tokens
-            + u.cache_creation_input_tokens.unwrap_or(0)
-            + u.cache_read_input_tokens.unwrap_or(0),
+        input: u
+            .input_tokens
+            .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(u.cache_read_input_tokens.unwrap_or(0)),
         output: u.output_tokens,
     })
 }

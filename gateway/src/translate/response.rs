@@ -78,9 +78,11 @@ pub fn anthropic_to_openai(resp: &Value, model: &str) -> (Value, Usage) {
     }
     let u = &resp["usage"];
     let usage = Usage {
-        input: u["input_tokens"].as_u64().unwrap_or(0)
-            + u["cache_creation_input_tokens"].as_u64().unwrap_or(0)
-            + u["cache_read_input_tokens"].as_u64().unwrap_or(0),
+        input: u["input_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_add(u["cache_creation_input_tokens"].as_u64().unwrap_or(0))
+            .saturating_add(u["cache_read_input_tokens"].as_u64().unwrap_or(0)),
         output: u["output_tokens"].as_u64().unwrap_or(0),
     };
     let mut message = Map::new();
@@ -110,7 +112,7 @@ pub fn anthropic_to_openai(resp: &Value, model: &str) -> (Value, Usage) {
             "usage": {
                 "prompt_tokens": usage.input,
                 "completion_tokens": usage.output,
-                "total_tokens": usage.input + usage.output,
+                "total_tokens": usage.input.saturating_add(usage.output),
             },
         }),
         usage,

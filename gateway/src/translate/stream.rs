@@ -214,8 +214,8 @@ impl StreamTranslator {
     fn read_anthropic_usage(&mut self, u: &Value) {
         if let Some(i) = u["input_tokens"].as_u64() {
             self.usage.input = i
-                + u["cache_creation_input_tokens"].as_u64().unwrap_or(0)
-                + u["cache_read_input_tokens"].as_u64().unwrap_or(0);
+                .saturating_add(u["cache_creation_input_tokens"].as_u64().unwrap_or(0))
+                .saturating_add(u["cache_read_input_tokens"].as_u64().unwrap_or(0));
         }
         if let Some(o) = u["output_tokens"].as_u64() {
             self.usage.output = o;
@@ -427,7 +427,7 @@ impl StreamTranslator {
                     let chunk = json!({"id": self.id, "object": "chat.completion.chunk",
                         "created": self.created, "model": self.model, "choices": [],
                         "usage": {"prompt_tokens": self.usage.input, "completion_tokens": self.usage.output,
-                            "total_tokens": self.usage.input + self.usage.output}});
+                            "total_tokens": self.usage.input.saturating_add(self.usage.output)}});
                     put_data(out, &chunk);
                 }
                 out.put_slice(b"data: [DONE]\n\n");
