@@ -132,7 +132,9 @@ def test_upstream_answers(setup):
     oai.config(fail_status=401)
     r = gw.post("/v1/chat/completions", {"model": "gpt-4o", "messages": MSG})
     assert r.status_code == 502
-    assert "rejected the gateway's API key" in openai_error(r)["message"]
+    msg = openai_error(r)["message"]
+    assert "rejected the gateway's API key" in msg
+    assert "parley-mock-llm" not in msg, "the provider's text (which may quote the key) is not repeated"
     assert oai.requests() == 2, "a 401 is not retried"
 
 

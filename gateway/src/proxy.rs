@@ -511,10 +511,11 @@ async fn attempt(
                 retry_after,
                 message,
             }),
+            // The provider's message is not repeated: it may quote part of the key.
             401 | 403 => AttemptError::Fatal(ApiError::new(
                 ErrorKind::Upstream,
                 format!(
-                    "the provider rejected the gateway's API key for model {:?} backend {:?} (HTTP {}: {upstream_msg}); the operator must fix the backend's apiKey or the tenant's upstreamKeys",
+                    "the provider rejected the gateway's API key for model {:?} backend {:?} (HTTP {}); the operator must fix the backend's apiKey or the tenant's upstreamKeys",
                     model.name.as_str(),
                     backend.name.as_str(),
                     status.as_u16()
