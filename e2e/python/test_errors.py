@@ -134,7 +134,7 @@ def test_upstream_answers(setup):
     assert r.status_code == 502
     msg = openai_error(r)["message"]
     assert "rejected the gateway's API key" in msg
-    assert "parley-mock-llm" not in msg, "the provider's text (which may quote the key) is not repeated"
+    assert "injected failure" not in msg, "the provider's text (which may quote the key) is not repeated"
     assert oai.requests() == 2, "a 401 is not retried"
 
 
