@@ -179,3 +179,22 @@ def test_sigterm_drains_streams_and_refuses_new_connections(start_mock, start_ga
     assert len(tokens) == 20, "the stream completed after SIGTERM"
     assert gw.proc.popen.wait(timeout=10) == 0
     assert mock.stats()["streams_completed"] == 1
+
+
+def test_not_ready_until_a_valid_config_is_loaded(start_mock, start_gateway):
+    mock = start_mock("m")
+    broken = ("apiVersion: parley.dev/gateway/v1\nlisten: 127.0.0.1:0\nadminListen: 127.0.0.1:0\n"
+              "defaultModel: gpt-4o\nmodels: []\n")
+    gw = start_gateway(broken, wait_ready=False)
+    assert httpx.get(f"{gw.admin}/readyz").status_code == 503
+    assert httpx.get(f"{gw.admin}/healthz").status_code == 200
+    r = gw.post("/v1/chat/completions", {"messages": MSG})
+    assert r.status_code == 503 and "no valid configuration" in r.json()["error"]["message"]
+    assert gw.metric("parley_config_reloads_total", result="failure") == 1
+    assert "config invalid" in gw.proc.stderr()
+    write_config(gw.config_path, config_doc([model("gpt-4o", [backend(mock)])]))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and httpx.get(f"{gw.admin}/readyz").status_code != 200:
+        time.sleep(0.05)
+    assert httpx.get(f"{gw.admin}/readyz").status_code == 200
+    assert gw.post("/v1/chat/completions", {"messages": MSG}).status_code == 200

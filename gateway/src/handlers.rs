@@ -437,6 +437,9 @@ async fn serve_api(
     let start = Instant::now();
     let _in_flight = InFlight::new(&state);
     let mut acct = Accounting::new(&state, format.as_str(), start);
+    if let Some(e) = not_loaded(&state) {
+        return error_response(e, format, "none", start, &mut acct);
+    }
     let rt = state.runtime.load_full();
     // The body is read first (it is bounded) so an early error never leaves unread
     // bytes on a keep-alive connection.
@@ -686,6 +689,9 @@ pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     } else {
         ApiFormat::OpenAi
     };
+    if let Some(e) = not_loaded(&state) {
+        return e.into_response_for(format);
+    }
     let tenant = match authenticate(&rt, &headers) {
         Ok(t) => t,
         Err(e) => return e.into_response_for(format),
@@ -724,6 +730,9 @@ pub async fn chat(
     let start = Instant::now();
     let _in_flight = InFlight::new(&state);
     let mut acct = Accounting::new(&state, "chat", start);
+    if let Some(e) = not_loaded(&state) {
+        return error_response(e, format, "none", start, &mut acct);
+    }
     let rt = state.runtime.load_full();
     // The body is read first (it is bounded) so an early error never leaves unread
     // bytes on a keep-alive connection.
@@ -932,7 +941,16 @@ pub async fn method_not_allowed() -> Response {
     r
 }
 
-/// Readiness for the admin listener.
+/// Readiness for the admin listener: a valid config is loaded and no drain started.
 pub fn ready(state: &AppState) -> bool {
-    !state.draining.load(Ordering::Relaxed)
+    state.loaded.load(Ordering::Acquire) && !state.draining.load(Ordering::Relaxed)
+}
+
+fn not_loaded(state: &AppState) -> Option<ApiError> {
+    (!state.loaded.load(Ordering::Acquire)).then(|| {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            "the gateway has no valid configuration yet; retry later",
+        )
+    })
 }

@@ -26,20 +26,36 @@ use tokio_util::sync::CancellationToken;
 
 pub use state::AppState;
 
+/// Every problem found in a config, one per entry.
+pub type Problems = Vec<String>;
+
 /// Builds the process state from a config file (refusing an invalid one).
-pub fn init(config_path: PathBuf) -> Result<Arc<AppState>, Vec<String>> {
+pub fn init(config_path: PathBuf) -> Result<Arc<AppState>, Problems> {
+    match init_waiting(config_path)? {
+        (state, None) => Ok(state),
+        (_, Some(problems)) => Err(problems),
+    }
+}
+
+/// Builds the process state; with an invalid (or missing) config file the state has no
+/// models or tenants, is not ready, and answers 503 until a valid config is loaded. The
+/// problems are returned alongside. `Err` only if the process cannot work at all.
+pub fn init_waiting(config_path: PathBuf) -> Result<(Arc<AppState>, Option<Problems>), Problems> {
     let metrics = Arc::new(metrics::Metrics::new());
     let shared = runtime::Shared::new(Arc::clone(&metrics)).map_err(|e| vec![e])?;
-    let rt = match reload::load(&config_path, &shared) {
-        Ok(rt) => rt,
+    let (rt, problems) = match reload::load(&config_path, &shared) {
+        Ok(rt) => (rt, None),
         Err(problems) => {
             metrics
                 .reloads
                 .get_or_create(&metrics::ResultLabel { result: "failure" })
                 .inc();
-            return Err(problems);
+            let empty = runtime::placeholder(&config_path, &shared)
+                .map_err(|p| [problems.clone(), p].concat())?;
+            (empty, Some(problems))
         }
     };
+    let loaded = problems.is_none();
     let state = Arc::new(AppState {
         runtime: ArcSwap::from_pointee(rt),
         shared,
@@ -48,11 +64,15 @@ pub fn init(config_path: PathBuf) -> Result<Arc<AppState>, Vec<String>> {
         sessions: Arc::new(sessions::MemorySessions::default()),
         cache: cache::ResponseCache::default(),
         draining: AtomicBool::new(false),
+        loaded: AtomicBool::new(loaded),
+        last_failure: parking_lot::Mutex::new(problems.as_deref().map(reload::failure_digest)),
         config_path,
     });
-    let rt = state.runtime.load_full();
-    reload::record_loaded(&state, &rt);
-    Ok(state)
+    if loaded {
+        let rt = state.runtime.load_full();
+        reload::record_loaded(&state, &rt);
+    }
+    Ok((state, problems))
 }
 
 /// Options of a running gateway.

@@ -133,13 +133,15 @@ fn serve(config: PathBuf, cli: &Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let state = parley_gateway::init(config.clone()).map_err(|p| {
-            anyhow::anyhow!(
-                "invalid config {}:\n  - {}",
-                config.display(),
-                p.join("\n  - ")
-            )
-        })?;
+        let (state, problems) = parley_gateway::init_waiting(config.clone())
+            .map_err(|p| anyhow::anyhow!("cannot start: {}", p.join("; ")))?;
+        if let Some(problems) = problems {
+            tracing::error!(
+                config = %config.display(),
+                problems = %problems.join("; "),
+                "config invalid: not ready, answering 503 until a valid config is loaded"
+            );
+        }
         let (listen, admin_listen) = {
             let rt = state.runtime.load();
             (rt.config.listen.clone(), rt.config.admin_listen.clone())

@@ -72,6 +72,11 @@ fn dirs_to_watch(state: &AppState) -> HashSet<PathBuf> {
     dirs
 }
 
+/// Identifies a set of problems (so the same refusal is reported once).
+pub fn failure_digest(problems: &[String]) -> String {
+    hex::encode(Sha256::digest(problems.join("; ").as_bytes()))
+}
+
 /// Reloads now: returns whether a new config was swapped in.
 pub fn reload_once(state: &AppState, last_failure: &mut Option<String>) -> bool {
     match load(&state.config_path, &state.shared) {
@@ -91,11 +96,14 @@ pub fn reload_once(state: &AppState, last_failure: &mut Option<String>) -> bool 
             tracing::info!(hash = %rt.hash, models = rt.models.len(), tenants = rt.tenants.len(), "config reloaded");
             record_loaded(state, &rt);
             state.runtime.store(Arc::new(rt));
+            state
+                .loaded
+                .store(true, std::sync::atomic::Ordering::Release);
             true
         }
         Err(problems) => {
             let joined = problems.join("; ");
-            let digest = hex::encode(Sha256::digest(joined.as_bytes()));
+            let digest = failure_digest(&problems);
             if last_failure.as_deref() != Some(digest.as_str()) {
                 tracing::error!(problems = %joined, "new config refused; the previous config keeps serving");
                 state
@@ -144,7 +152,7 @@ pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Dura
         }
     };
     rewatch(&mut watcher, &state);
-    let mut last_failure = None;
+    let mut last_failure = state.last_failure.lock().take();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -319,6 +319,41 @@ fn source_name(source: &SecretSource, base: &Path) -> String {
     }
 }
 
+/// The state before any valid config: no models, no tenants; listen addresses read
+/// leniently from the file when it has them (else the defaults).
+pub fn placeholder(config_path: &Path, shared: &Shared) -> Result<Runtime, Vec<String>> {
+    let value: Option<serde_yaml::Value> = std::fs::read_to_string(config_path)
+        .ok()
+        .and_then(|t| serde_yaml::from_str(&t).ok());
+    let field = |name: &str, default: &str| {
+        value
+            .as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(|v| v.as_str())
+            .unwrap_or(default)
+            .to_string()
+    };
+    let config = GatewayConfig {
+        api_version: parley_crds::gateway_config::API_VERSION.to_string(),
+        listen: field("listen", "0.0.0.0:8080"),
+        admin_listen: field("adminListen", "0.0.0.0:9090"),
+        secrets_dir: None,
+        default_model: String::new(),
+        system_prompt: None,
+        models: Vec::new(),
+        tenants: Vec::new(),
+        redis: None,
+        rate_limit_failure_mode: Default::default(),
+        sessions: Default::default(),
+        usage: None,
+        cors: None,
+        limits: Default::default(),
+    };
+    let mut rt = build(config, "", config_path, shared)?;
+    rt.hash = "none".into();
+    Ok(rt)
+}
+
 /// Longest duration any setting may mean (absurd values would overflow clocks).
 const MAX_SECONDS: u64 = 366 * 86_400;
 

@@ -28,6 +28,10 @@ pub struct AppState {
     pub cache: ResponseCache,
     /// Set on SIGTERM: `/readyz` fails.
     pub draining: AtomicBool,
+    /// A valid config has been loaded (until then `/readyz` fails and the API says 503).
+    pub loaded: AtomicBool,
+    /// Digest of the last refused config's problems (each is reported once).
+    pub last_failure: parking_lot::Mutex<Option<String>>,
     /// The config file.
     pub config_path: PathBuf,
 }
