@@ -112,7 +112,13 @@ impl Accounting {
         if let Some(r) = self.reservation.take() {
             let limiter = Arc::clone(&self.state.limiter);
             let tokens = usage.input.saturating_add(usage.output);
-            tokio::spawn(async move { limiter.settle(r, tokens, cost).await });
+            // Settled off the request path; outside a runtime (shutdown), right here.
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(async move { limiter.settle(r, tokens, cost).await });
+                }
+                Err(_) => limiter.settle_now(r, tokens, cost),
+            }
         }
     }
 }
