@@ -154,10 +154,19 @@ func watchForShutdown(ctx context.Context, cancel context.CancelCauseFunc, c *co
 		logf("second signal, exiting now")
 		os.Exit(1)
 	}()
+	// Nobody waits for us when the parent is gone: exit at once, so that no process
+	// outlives a test run even briefly.
+	parentGone := func(reason string) {
+		logf("stopping: %s", reason)
+		if c.removeDataDir {
+			_ = os.RemoveAll(c.dataDir)
+		}
+		os.Exit(0)
+	}
 	if c.exitOnStdinClose {
 		go func() {
 			_, _ = io.Copy(io.Discard, os.Stdin)
-			cancel(errors.New("standard input closed"))
+			parentGone("standard input closed")
 		}()
 	}
 	if c.exitWithParent {
@@ -171,8 +180,7 @@ func watchForShutdown(ctx context.Context, cancel context.CancelCauseFunc, c *co
 					return
 				case <-t.C:
 					if os.Getppid() != parent {
-						cancel(errors.New("parent process exited"))
-						return
+						parentGone("parent process exited")
 					}
 				}
 			}
