@@ -56,7 +56,8 @@ test-rust: toolchain $(CONTROLPLANE_BIN)
 	$(CARGO) test --workspace --no-fail-fast
 
 test-python: $(VENV)/.installed build
-	$(PYTHON) -m pytest -q e2e/manifests $(wildcard e2e/python)
+	$(PYTHON) -m pytest -q e2e/manifests
+	$(PYTHON) -m pytest -q -c e2e/python/pytest.ini e2e/python
 
 bench: toolchain ## Gateway vs nginx proxy_pass on this machine; writes BENCHMARKS.md (not in CI)
 	@scripts/bench.sh
