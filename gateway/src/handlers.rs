@@ -399,6 +399,22 @@ async fn admit(
     }
 }
 
+/// The config snapshot a request is served with, and its body. The body is read before
+/// anything can fail (it is bounded), so an early error never leaves unread bytes on a
+/// keep-alive connection.
+async fn snapshot_and_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Arc<Runtime>, Bytes), ApiError> {
+    if let Some(e) = not_loaded(state) {
+        return Err(e);
+    }
+    let rt = state.runtime.load_full();
+    let bytes = read_body(headers, body, rt.config.limits.max_body_bytes).await?;
+    Ok((rt, bytes))
+}
+
 fn error_response(
     e: ApiError,
     format: ApiFormat,
@@ -443,14 +459,8 @@ async fn serve_api(
     let start = Instant::now();
     let _in_flight = InFlight::new(&state);
     let mut acct = Accounting::new(&state, format.as_str(), start);
-    if let Some(e) = not_loaded(&state) {
-        return error_response(e, format, "none", start, &mut acct);
-    }
-    let rt = state.runtime.load_full();
-    // The body is read first (it is bounded) so an early error never leaves unread
-    // bytes on a keep-alive connection.
-    let bytes = match read_body(&headers, body, rt.config.limits.max_body_bytes).await {
-        Ok(b) => b,
+    let (rt, bytes) = match snapshot_and_body(&state, &headers, body).await {
+        Ok(x) => x,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
     let tenant = match authenticate(&rt, &headers) {
@@ -736,14 +746,8 @@ pub async fn chat(
     let start = Instant::now();
     let _in_flight = InFlight::new(&state);
     let mut acct = Accounting::new(&state, "chat", start);
-    if let Some(e) = not_loaded(&state) {
-        return error_response(e, format, "none", start, &mut acct);
-    }
-    let rt = state.runtime.load_full();
-    // The body is read first (it is bounded) so an early error never leaves unread
-    // bytes on a keep-alive connection.
-    let bytes = match read_body(&headers, body, rt.config.limits.max_body_bytes).await {
-        Ok(b) => b,
+    let (rt, bytes) = match snapshot_and_body(&state, &headers, body).await {
+        Ok(x) => x,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
     let tenant = match authenticate(&rt, &headers) {

@@ -251,25 +251,9 @@ pub async fn route(
             let t0 = tokio::time::Instant::now();
             let result = attempt(state, tenant, model, backend, prepared, req, overall).await;
             wait += t0.elapsed();
-            let now = Instant::now();
-            let labels = |outcome: &'static str| AttemptLabels {
-                model: Arc::clone(&model.name),
-                backend: Arc::clone(&backend.name),
-                outcome,
-            };
             match result {
                 Ok(served) => {
-                    let s = backend.breaker.record(Outcome::Success, now);
-                    state
-                        .metrics
-                        .breaker
-                        .get_or_create(&backend.labels)
-                        .set(s.gauge());
-                    state
-                        .metrics
-                        .attempts
-                        .get_or_create(&labels("success"))
-                        .inc();
+                    record_attempt(state, model, backend, Outcome::Success, "success");
                     return Ok((
                         served,
                         ServedBy {
@@ -280,17 +264,7 @@ pub async fn route(
                     ));
                 }
                 Err(AttemptError::Fatal(e)) => {
-                    let s = backend.breaker.record(Outcome::Neutral, now);
-                    state
-                        .metrics
-                        .breaker
-                        .get_or_create(&backend.labels)
-                        .set(s.gauge());
-                    state
-                        .metrics
-                        .attempts
-                        .get_or_create(&labels("client_error"))
-                        .inc();
+                    record_attempt(state, model, backend, Outcome::Neutral, "client_error");
                     return Err((e, wait));
                 }
                 Err(AttemptError::Retry(f)) => {
@@ -298,17 +272,7 @@ pub async fn route(
                         Failure::RateLimited { .. } => Outcome::Neutral,
                         _ => Outcome::Failure,
                     };
-                    let s = backend.breaker.record(outcome, now);
-                    state
-                        .metrics
-                        .breaker
-                        .get_or_create(&backend.labels)
-                        .set(s.gauge());
-                    state
-                        .metrics
-                        .attempts
-                        .get_or_create(&labels(f.outcome_label()))
-                        .inc();
+                    record_attempt(state, model, backend, outcome, f.outcome_label());
                     tracing::info!(
                         request_id = req.request_id.to_str().unwrap_or(""),
                         model = %model.name, backend = %backend.name, outcome = f.outcome_label(),
@@ -372,6 +336,28 @@ pub async fn route(
 enum Prepared {
     Same,
     Translated(Map<String, Value>),
+}
+
+/// Feeds an attempt's outcome to the backend's breaker and records it in the metrics.
+fn record_attempt(
+    state: &AppState,
+    model: &Model,
+    backend: &Backend,
+    outcome: Outcome,
+    label: &'static str,
+) {
+    let breaker = backend.breaker.record(outcome, Instant::now());
+    state
+        .metrics
+        .breaker
+        .get_or_create(&backend.labels)
+        .set(breaker.gauge());
+    let labels = AttemptLabels {
+        model: Arc::clone(&model.name),
+        backend: Arc::clone(&backend.name),
+        outcome: label,
+    };
+    state.metrics.attempts.get_or_create(&labels).inc();
 }
 
 fn prepare(req: &ClientRequest, provider: Provider, model: &Model) -> Result<Prepared, ApiError> {
