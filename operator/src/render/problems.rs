@@ -172,6 +172,14 @@ pub(super) fn check(
         );
     }
 
+    if spec.kong.is_some() {
+        problems.push(Problem::warning(
+            cb.clone(),
+            "spec.kong",
+            "this operator version does not render Kong objects yet; the gateway Service is rendered without an Ingress",
+        ));
+    }
+
     for tenant in tenants {
         check_tenant(tenant, &by_model, input, problems);
     }

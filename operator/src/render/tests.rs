@@ -324,3 +324,22 @@ fn termination_grace_outlasts_the_longest_call() {
     let pod = rendered.deployment.spec.unwrap().template.spec.unwrap();
     assert!(pod.termination_grace_period_seconds.unwrap() > 600);
 }
+
+#[test]
+fn an_oversized_config_is_refused() {
+    let mut cb = chatbot("bot", "");
+    cb.spec.system_prompt = Some("x".repeat(MAX_CONFIG_BYTES + 1));
+    let problems = errors(run(&cb, &[route("a", &[])], &[tenant("t", "")]));
+    assert_one_error(&problems, "Chatbot/ns/bot", "spec", "ConfigTooLarge");
+}
+
+#[test]
+fn kong_is_reported_as_not_rendered_yet() {
+    let cb = chatbot("bot", "  kong: {host: chat.example.com}\n");
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    assert!(
+        rendered.warnings.iter().any(|w| w.field == "spec.kong"),
+        "{:?}",
+        rendered.warnings
+    );
+}
