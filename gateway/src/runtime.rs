@@ -209,7 +209,7 @@ impl Shared {
 
     fn warn_once(&self, what: &str, message: &str) {
         if self.warned.lock().insert(what.to_string()) {
-            tracing::warn!(secret = what, "{message}");
+            tracing::warn!(about = what, "{message}");
         }
     }
 }
@@ -384,6 +384,19 @@ pub fn build(
     shared: &Shared,
 ) -> Result<Runtime, Vec<String>> {
     clamp_durations(&mut config);
+    // Said once, loudly, rather than silently serving with less than the config asks for.
+    if config.redis.is_some() {
+        shared.warn_once(
+            "redis",
+            "redis is configured, but this gateway version keeps limits, sessions and cache in process: with several replicas each one enforces the limits on its own",
+        );
+    }
+    if config.usage.is_some() {
+        shared.warn_once(
+            "usage",
+            "usage.postgresUrl is configured, but this gateway version does not write the usage ledger yet: usage is in the metrics only",
+        );
+    }
     let base = secrets_base(&config, config_path);
     let mut problems = Vec::new();
     let mut hasher = Sha256::new();
