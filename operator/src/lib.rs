@@ -4,6 +4,7 @@
 //! Controllers (a later part) only fetch inputs, call [`render::render`], apply the result
 //! and write status; `parley-operator render` prints what they would apply.
 
+pub mod controller;
 pub mod manifests;
 pub mod render;
 

@@ -1,8 +1,10 @@
-//! `parley-operator`: prints the CRDs and renders Chatbots offline.
+//! `parley-operator`: runs the controllers, prints the CRDs and renders Chatbots offline.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -29,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers (Chatbot, Tenant, ModelRoute) against the cluster.
+    Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
     /// Render Chatbots offline from YAML files: prints the objects the operator would apply.
@@ -42,9 +46,30 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Image used when a Chatbot names none.
+    #[arg(long, env = "PARLEY_GATEWAY_IMAGE", default_value = DEFAULT_GATEWAY_IMAGE)]
+    gateway_image: String,
+    /// Where to serve Prometheus metrics, /healthz and /readyz.
+    #[arg(long, env = "PARLEY_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "PARLEY_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Only the holder of a Lease reconciles (on by default; `--leader-election=false`
+    /// for a single replica run by hand).
+    #[arg(long, env = "PARLEY_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    leader_election: bool,
+    /// Namespace of the leader Lease (default: the operator's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run(args),
         Command::Crds => print_crds(),
         Command::Render {
             files,
@@ -56,6 +81,127 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run_async(args))
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use parley_operator::controller::{self, Settings, leader, metrics};
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| format!("parley-operator-{}", std::process::id()));
+    let settings = Settings {
+        gateway_image: args.gateway_image,
+        namespace: args.namespace,
+        instance: Some(identity.clone()),
+    };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let listener = metrics::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
+    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz, /readyz");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), stopped()));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let outcome = if args.leader_election {
+        let namespace = match args.leader_election_namespace {
+            Some(ns) => ns,
+            None => {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .map(|s| s.trim().to_string())
+                    .context(
+                        "--leader-election needs --leader-election-namespace or POD_NAMESPACE \
+                 (or an in-cluster ServiceAccount namespace)",
+                    )?
+            }
+        };
+        // Standbys are ready (healthy, waiting); the leader once its controllers run.
+        metrics.set_ready(true);
+        let work_client = client.clone();
+        let work_metrics = Arc::clone(&metrics);
+        leader::run_as_leader(
+            client,
+            &namespace,
+            &identity,
+            Arc::clone(&metrics),
+            stopped(),
+            move |stop| controller::run_controllers(work_client, settings, work_metrics, stop),
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    } else {
+        controller::run_controllers(client, settings, Arc::clone(&metrics), stopped()).await;
+        Ok(())
+    };
+    server.abort();
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "stopping");
+            Ok(ExitCode::FAILURE)
         }
     }
 }

@@ -1,0 +1,526 @@
+//! The Chatbot controller: fetch inputs, [`render`], server-side apply, prune what the
+//! spec no longer renders, write status, publish Events.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use parley_crds::names::bounded_name;
+use parley_crds::{Chatbot, ChatbotStatus, ModelRoute, Tenant};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::conditions::{self, Desired, MAX_MESSAGE_BYTES};
+use super::{Context, Error, drain, kube_err, object_key, same_namespace, scoped_api, secret_keys};
+use crate::render::{self, MANAGER, RenderError, RenderInput, Rendered, Severity};
+
+/// The field manager that briefly co-owns `spec.replicas` while it passes from the
+/// operator to the HorizontalPodAutoscaler (Kubernetes' documented hand-over procedure).
+pub const HANDOVER_MANAGER: &str = "parley-operator-handover-to-hpa";
+
+const KIND: &str = "Chatbot";
+/// Re-check now and then even without a watch event (a missed event heals itself).
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Ready reasons.
+pub mod reason {
+    /// Rendered and applied.
+    pub const RENDERED: &str = "Rendered";
+    /// The spec (or a ModelRoute / Tenant it selects) has an error only the operator sees.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The GatewayConfig would not fit in a ConfigMap.
+    pub const CONFIG_TOO_LARGE: &str = "ConfigTooLarge";
+    /// An API call while applying failed (retried with backoff).
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+}
+
+/// Labels that select every child of Chatbot `name`.
+pub fn children_selector(chatbot_name: &str) -> String {
+    format!(
+        "app.kubernetes.io/managed-by={MANAGER},app.kubernetes.io/instance={}",
+        bounded_name(chatbot_name)
+    )
+}
+
+/// Runs the Chatbot controller until `shutdown`.
+pub async fn controller(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = ctx.settings.namespace.as_deref();
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let controller = Controller::new(
+        scoped_api::<Chatbot>(&client, ns),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    let (routes_store, tenants_store, secrets_store) = (store.clone(), store.clone(), store);
+    let stream = controller
+        .owns(scoped_api::<Deployment>(&client, ns), owned.clone())
+        .owns(scoped_api::<Service>(&client, ns), owned.clone())
+        .owns(scoped_api::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped_api::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(
+            scoped_api::<HorizontalPodAutoscaler>(&client, ns),
+            owned.clone(),
+        )
+        .owns(scoped_api::<PodDisruptionBudget>(&client, ns), owned)
+        .watches(
+            scoped_api::<ModelRoute>(&client, ns),
+            watcher::Config::default(),
+            move |route| same_namespace(&routes_store, &route),
+        )
+        .watches(
+            scoped_api::<Tenant>(&client, ns),
+            watcher::Config::default(),
+            move |tenant| same_namespace(&tenants_store, &tenant),
+        )
+        // Metadata only: Secret values never enter a cache.
+        .watches(
+            scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
+            watcher::Config::default(),
+            move |secret| same_namespace(&secrets_store, &secret),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx);
+    drain(KIND, stream).await;
+}
+
+async fn reconcile(chatbot: Arc<Chatbot>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&chatbot, &ctx).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    };
+    ctx.metrics.observe(KIND, label, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&object_key(chatbot.as_ref()));
+    }
+    result
+}
+
+fn error_policy(chatbot: Arc<Chatbot>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.failure_backoff(&object_key(chatbot.as_ref()));
+    tracing::warn!(
+        chatbot = %object_key(chatbot.as_ref()),
+        error = %error,
+        retry_in_ms = delay.as_millis() as u64,
+        "Chatbot reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Error> {
+    if chatbot.meta().deletion_timestamp.is_some() {
+        // The garbage collector removes the children (owner references).
+        return Ok(Action::await_change());
+    }
+    let (Some(ns), Some(_)) = (chatbot.namespace(), chatbot.meta().name.as_ref()) else {
+        return Err(Error::Unnamed(object_key(chatbot)));
+    };
+    let client = &ctx.client;
+    let model_routes = Api::<ModelRoute>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing ModelRoutes in {ns}")))?
+        .items;
+    let tenants = Api::<Tenant>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing Tenants in {ns}")))?
+        .items;
+    let secrets = secret_keys(client, &ns).await?;
+    let input = RenderInput {
+        chatbot,
+        model_routes: &model_routes,
+        tenants: &tenants,
+        secrets: &secrets,
+        default_image: &ctx.settings.gateway_image,
+    };
+    match render::render(&input) {
+        Err(e) => {
+            refused(chatbot, ctx, &e).await?;
+            // Any change to the inputs triggers a new reconcile; nothing to retry.
+            Ok(Action::requeue(RESYNC))
+        }
+        Ok(rendered) => {
+            let ready_replicas = match apply_all(chatbot, ctx, &ns, &rendered).await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    let desired = Desired::ready(
+                        false,
+                        reason::APPLY_FAILED,
+                        format!("applying the rendered objects failed (retrying): {e}"),
+                    );
+                    let status = status_with(chatbot, &[desired], None, None);
+                    // Best effort: the error itself is what matters.
+                    if let Err(status_error) = write_status(ctx, chatbot, &status).await {
+                        tracing::warn!(error = %status_error, "writing ApplyFailed status failed");
+                    }
+                    return Err(e);
+                }
+            };
+            prune(chatbot, ctx, &ns, &rendered).await?;
+            applied(chatbot, ctx, &rendered, ready_replicas).await?;
+            Ok(Action::requeue(RESYNC))
+        }
+    }
+}
+
+/// The status to write: `desired` conditions over the current ones, plus counts.
+fn status_with(
+    chatbot: &Chatbot,
+    desired: &[Desired],
+    rendered: Option<&Rendered>,
+    ready_replicas: Option<i32>,
+) -> ChatbotStatus {
+    let current = chatbot.status.clone().unwrap_or_default();
+    let mut status = ChatbotStatus::default();
+    status.common.observed_generation = chatbot.meta().generation;
+    status.common.conditions = conditions::compute(
+        &current.common.conditions,
+        desired,
+        chatbot.meta().generation,
+        Timestamp::now(),
+    );
+    if let Some(rendered) = rendered {
+        status.models = u32::try_from(rendered.models.len()).ok();
+        status.tenants = u32::try_from(rendered.tenants.len()).ok();
+        status.config_hash = Some(rendered.config_hash.clone());
+    }
+    status.ready_replicas = ready_replicas.or(current.ready_replicas);
+    status
+}
+
+/// Ready=False (InvalidSpec or ConfigTooLarge) with every error, and a Warning Event. The
+/// objects already running are left alone: the last good config keeps serving.
+async fn refused(chatbot: &Chatbot, ctx: &Context, error: &RenderError) -> Result<(), Error> {
+    let errors: Vec<_> = error
+        .problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error)
+        .collect();
+    let why = if errors
+        .iter()
+        .any(|p| p.message.starts_with(reason::CONFIG_TOO_LARGE))
+    {
+        reason::CONFIG_TOO_LARGE
+    } else {
+        reason::INVALID_SPEC
+    };
+    let listed: Vec<String> = errors
+        .iter()
+        .map(|p| format!("{}: {}: {}", p.object, p.field, p.message))
+        .collect();
+    let message = conditions::bounded(
+        &format!(
+            "{} problem(s), nothing applied: {}",
+            errors.len(),
+            listed.join("; ")
+        ),
+        MAX_MESSAGE_BYTES,
+    );
+    let desired = Desired::ready(false, why, message.clone());
+    let status = status_with(chatbot, &[desired], None, None);
+    let changed = chatbot.status.as_ref() != Some(&status);
+    write_status(ctx, chatbot, &status).await?;
+    if changed {
+        tracing::info!(chatbot = %object_key(chatbot), reason = why, "Chatbot refused");
+        publish(ctx, chatbot, EventType::Warning, why, "Render", message).await;
+    }
+    Ok(())
+}
+
+/// Ready=True after a successful apply; warnings become Warning Events once per
+/// generation.
+async fn applied(
+    chatbot: &Chatbot,
+    ctx: &Context,
+    rendered: &Rendered,
+    ready_replicas: Option<i32>,
+) -> Result<(), Error> {
+    let message = format!(
+        "{} model(s), {} tenant(s), config {}",
+        rendered.models.len(),
+        rendered.tenants.len(),
+        rendered.config_hash.get(..12).unwrap_or_default()
+    );
+    let desired = Desired::ready(true, reason::RENDERED, message.clone());
+    let status = status_with(chatbot, &[desired], Some(rendered), ready_replicas);
+    let previous = chatbot.status.clone().unwrap_or_default();
+    let was_ready = conditions::ready(&previous.common.conditions)
+        .is_some_and(|c| c.status == "True" && c.reason == reason::RENDERED);
+    let new_generation = previous.common.observed_generation != chatbot.meta().generation;
+    if chatbot.status.as_ref() != Some(&status) {
+        write_status(ctx, chatbot, &status).await?;
+    }
+    if new_generation {
+        for warning in &rendered.warnings {
+            let note = format!("{}: {}: {}", warning.object, warning.field, warning.message);
+            publish(
+                ctx,
+                chatbot,
+                EventType::Warning,
+                "RenderWarning",
+                "Render",
+                note,
+            )
+            .await;
+        }
+    }
+    if !was_ready {
+        publish(
+            ctx,
+            chatbot,
+            EventType::Normal,
+            reason::RENDERED,
+            "Apply",
+            message,
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Publishes an Event; a failure is logged, never fatal (Events are best effort).
+pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    object: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(conditions::bounded(&note, MAX_MESSAGE_BYTES)),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing an Event failed");
+    }
+}
+
+/// Server-side applies every rendered object; returns the Deployment's ready replicas.
+async fn apply_all(
+    chatbot: &Chatbot,
+    ctx: &Context,
+    ns: &str,
+    rendered: &Rendered,
+) -> Result<Option<i32>, Error> {
+    let client = &ctx.client;
+    apply(client, ns, &rendered.service_account).await?;
+    apply(client, ns, &rendered.config_map).await?;
+    hand_replicas_to_hpa(ctx, ns, &rendered.deployment).await?;
+    let deployment = apply(client, ns, &rendered.deployment).await?;
+    apply(client, ns, &rendered.service).await?;
+    if let Some(hpa) = &rendered.autoscaler {
+        apply(client, ns, hpa).await?;
+    }
+    if let Some(pdb) = &rendered.disruption_budget {
+        apply(client, ns, pdb).await?;
+    }
+    tracing::debug!(chatbot = %object_key(chatbot), "applied");
+    Ok(deployment
+        .status
+        .as_ref()
+        .map(|s| s.ready_replicas.unwrap_or(0)))
+}
+
+/// Server-side apply with field manager `parley-operator`, forcing ownership.
+pub(crate) async fn apply<K>(client: &kube::Client, ns: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(kube_err(format!("applying {} {ns}/{name}", K::kind(&()))))
+}
+
+/// Whether field manager `manager` owns `spec.replicas` of `deployment` through apply.
+pub fn applies_replicas(deployment: &Deployment, manager: &str) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|entry| {
+            entry.manager.as_deref() == Some(manager)
+                && entry.operation.as_deref() == Some("Apply")
+                && entry.subresource.as_deref().unwrap_or_default().is_empty()
+                && entry
+                    .fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        })
+}
+
+/// Kubernetes' procedure for handing `spec.replicas` to an HPA under server-side apply
+/// ("Transferring ownership" in the server-side apply documentation): before the
+/// operator's manifest stops setting `replicas`, a second field manager applies just the
+/// live `replicas` value, so the field keeps an owner and is not reset to the default
+/// (one replica). When the HPA controller next writes `replicas` it becomes the sole owner and the
+/// temporary manager vanishes. A conflict means the HPA already owns it: nothing to do.
+async fn hand_replicas_to_hpa(ctx: &Context, ns: &str, desired: &Deployment) -> Result<(), Error> {
+    let under_hpa = desired.spec.as_ref().is_some_and(|s| s.replicas.is_none());
+    if !under_hpa {
+        return Ok(());
+    }
+    let name = desired.metadata.name.clone().unwrap_or_default();
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(live) = api
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading Deployment {ns}/{name}")))?
+    else {
+        return Ok(());
+    };
+    if !applies_replicas(&live, MANAGER) {
+        return Ok(());
+    }
+    let replicas = live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    });
+    match api
+        .patch(
+            &name,
+            &PatchParams::apply(HANDOVER_MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(deployment = %format!("{ns}/{name}"), replicas, "handing spec.replicas over to the HorizontalPodAutoscaler");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(kube_err(format!(
+            "handing over replicas of Deployment {ns}/{name}"
+        ))(e)),
+    }
+}
+
+/// Deletes the labelled children of `chatbot` that `rendered` no longer contains.
+async fn prune(
+    chatbot: &Chatbot,
+    ctx: &Context,
+    ns: &str,
+    rendered: &Rendered,
+) -> Result<(), Error> {
+    let selector = children_selector(&chatbot.name_any());
+    let uid = chatbot.uid();
+    let client = &ctx.client;
+    prune_kind::<ServiceAccount>(
+        client,
+        ns,
+        &selector,
+        &uid,
+        names([&rendered.service_account]),
+    )
+    .await?;
+    prune_kind::<ConfigMap>(client, ns, &selector, &uid, names([&rendered.config_map])).await?;
+    prune_kind::<Deployment>(client, ns, &selector, &uid, names([&rendered.deployment])).await?;
+    prune_kind::<Service>(client, ns, &selector, &uid, names([&rendered.service])).await?;
+    prune_kind::<HorizontalPodAutoscaler>(
+        client,
+        ns,
+        &selector,
+        &uid,
+        names(rendered.autoscaler.as_ref()),
+    )
+    .await?;
+    prune_kind::<PodDisruptionBudget>(
+        client,
+        ns,
+        &selector,
+        &uid,
+        names(rendered.disruption_budget.as_ref()),
+    )
+    .await?;
+    Ok(())
+}
+
+fn names<'a, K: Resource + 'a>(objects: impl IntoIterator<Item = &'a K>) -> BTreeSet<String> {
+    objects.into_iter().map(|o| o.name_any()).collect()
+}
+
+async fn prune_kind<K>(
+    client: &kube::Client,
+    ns: &str,
+    selector: &str,
+    owner_uid: &Option<String>,
+    keep: BTreeSet<String>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let kind = K::kind(&());
+    let found = api
+        .list_metadata(&ListParams::default().labels(selector))
+        .await
+        .map_err(kube_err(format!("listing {kind}s in {ns}")))?;
+    for object in found.items {
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let ours = object
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == owner_uid.as_ref());
+        if keep.contains(&name) || !ours {
+            continue;
+        }
+        tracing::info!(object = %format!("{kind} {ns}/{name}"), "deleting a child the spec no longer renders");
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("deleting {kind} {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Server-side applies `status` to the status subresource.
+async fn write_status(
+    ctx: &Context,
+    chatbot: &Chatbot,
+    status: &ChatbotStatus,
+) -> Result<(), Error> {
+    super::patch_status(&ctx.client, chatbot, status).await
+}

@@ -1,0 +1,312 @@
+//! The controllers behind `parley-operator run`.
+//!
+//! Each controller only fetches inputs, calls [`crate::render::render`] (Chatbots), applies
+//! the result with server-side apply (field manager [`MANAGER`]) and writes status. Three
+//! controllers run side by side:
+//!
+//! - [`chatbot`]: the gateway fleet of each Chatbot (apply, prune, status, events);
+//! - [`tenant`]: the generated key Secret of each Tenant without keys (created once, never
+//!   updated), and Tenant status;
+//! - [`model_route`]: ModelRoute status (backends, missing Secrets).
+//!
+//! Secret *values* are never read into a cache, logged or written anywhere: Secrets are
+//! watched metadata-only and listed only to learn their key names (values are dropped at
+//! once, see [`secret_keys`]).
+
+pub mod chatbot;
+pub mod conditions;
+pub mod leader;
+pub mod metrics;
+pub mod model_route;
+pub mod tenant;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource};
+
+use crate::render::{MANAGER, SecretKeys};
+use metrics::Metrics;
+
+/// What the controllers need to know from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Image of Chatbots that name none (`--gateway-image`).
+    pub gateway_image: String,
+    /// Watch only this namespace (`--namespace`); `None` = all namespaces.
+    pub namespace: Option<String>,
+    /// `reportingInstance` of Events (the pod name, or the host name).
+    pub instance: Option<String>,
+}
+
+/// Why a reconcile failed. The category (see [`Error::category`]) is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done, e.g. `applying Deployment prod/support-gateway`.
+        action: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A rendered object could not be serialised (a bug).
+    #[error("serialising {what}: {source}")]
+    Serialize {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The operating system gave no randomness for a key.
+    #[error("no randomness for a generated key: {0}")]
+    Random(String),
+    /// An object without a namespace or name (cannot happen for namespaced kinds).
+    #[error("{0} has no namespace or name")]
+    Unnamed(String),
+}
+
+impl Error {
+    /// A low-cardinality label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube { source, .. } => match source {
+                kube::Error::Api(s) if s.code == 409 => "conflict",
+                kube::Error::Api(s) if s.code == 403 => "forbidden",
+                kube::Error::Api(s) if s.code == 422 => "invalid",
+                kube::Error::Api(_) => "api",
+                _ => "transport",
+            },
+            Error::Serialize { .. } => "serialize",
+            Error::Random(_) => "random",
+            Error::Unnamed(_) => "unnamed",
+        }
+    }
+}
+
+/// A `kube::Error` with what was being done.
+pub(crate) fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// Shared by every reconcile of one controller process.
+pub struct Context {
+    /// API client (of the operator's ServiceAccount).
+    pub client: Client,
+    /// Event recorder (events.k8s.io).
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Command-line settings.
+    pub settings: Settings,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.to_string(),
+            instance: settings.instance.clone(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The delay before retrying `key` after a failure: 1 s doubling to 5 minutes, with
+    /// up to 20 % jitter so a fleet of failing objects does not retry in lockstep.
+    pub(crate) fn failure_backoff(&self, key: &str) -> Duration {
+        let attempt = match self.failures.lock() {
+            Ok(mut map) => {
+                let n = map.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        backoff_delay(attempt, jitter_fraction())
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub(crate) fn succeeded(&self, key: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(key);
+        }
+    }
+}
+
+/// `1 s * 2^(attempt-1)`, capped at 300 s, stretched by `jitter` (0.0..0.2).
+pub fn backoff_delay(attempt: u32, jitter: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(16);
+    let base = (1u64 << exp).min(300);
+    Duration::from_secs(base).mul_f64(1.0 + jitter.clamp(0.0, 0.2))
+}
+
+fn jitter_fraction() -> f64 {
+    let mut b = [0u8; 1];
+    match getrandom::fill(&mut b) {
+        Ok(()) => f64::from(b[0]) / 255.0 * 0.2,
+        Err(_) => 0.1,
+    }
+}
+
+/// The key used for backoff bookkeeping: `Kind/namespace/name`.
+pub(crate) fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Which keys exist in which Secrets of `namespace`. The Secrets are listed with their
+/// data (the metadata API does not carry key names) and reduced to names at once: values
+/// never leave this function.
+pub async fn secret_keys(client: &Client, namespace: &str) -> Result<SecretKeys, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing Secrets in {namespace}")))?;
+    let mut out = SecretKeys::new();
+    for secret in list.items {
+        let Some(name) = secret.metadata.name else {
+            continue;
+        };
+        let mut keys: std::collections::BTreeSet<String> = secret
+            .data
+            .map(|d| d.into_keys().collect())
+            .unwrap_or_default();
+        keys.extend(secret.string_data.unwrap_or_default().into_keys());
+        out.insert(name, keys);
+    }
+    Ok(out)
+}
+
+/// Maps any object to the `K`s of its namespace held in `store` (every Chatbot of the
+/// namespace of a ModelRoute, Tenant or Secret).
+pub(crate) fn same_namespace<K, O>(
+    store: &kube::runtime::reflector::Store<K>,
+    other: &O,
+) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    O: Resource,
+{
+    let namespace = other.meta().namespace.clone();
+    store
+        .state()
+        .iter()
+        .filter(|k| k.meta().namespace == namespace)
+        .map(|k| ObjectRef::from_obj(k.as_ref()))
+        .collect()
+}
+
+/// An `Api` for a namespaced kind: one namespace, or all of them.
+pub(crate) fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Server-side applies `status` to the status subresource of `object` (field manager
+/// `parley-operator`; the patch carries apiVersion and kind, as apply requires).
+pub(crate) async fn patch_status<K, S>(client: &Client, object: &K, status: &S) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize,
+{
+    let (Some(ns), Some(name)) = (
+        object.meta().namespace.as_deref(),
+        object.meta().name.as_deref(),
+    ) else {
+        return Err(Error::Unnamed(object_key(object)));
+    };
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .map_err(kube_err(format!(
+        "writing the status of {} {ns}/{name}",
+        K::kind(&())
+    )))?;
+    Ok(())
+}
+
+/// Runs the three controllers until `shutdown` resolves (then they finish what they are
+/// doing and return).
+pub async fn run_controllers(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ctx = Arc::new(Context::new(client, settings, metrics));
+    let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
+    let chatbots = chatbot::controller(Arc::clone(&ctx), shutdown.clone());
+    let tenants = tenant::controller(Arc::clone(&ctx), shutdown.clone());
+    let routes = model_route::controller(Arc::clone(&ctx), shutdown);
+    ctx.metrics.set_ready(true);
+    futures::join!(chatbots, tenants, routes);
+    ctx.metrics.set_ready(false);
+}
+
+/// Drains a controller's result stream, logging failures at the right level.
+pub(crate) async fn drain<S, T, E>(kind: &'static str, stream: S)
+where
+    S: futures::Stream<Item = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    stream
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(kind, error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff_delay(1, 0.0), Duration::from_secs(1));
+        assert_eq!(backoff_delay(2, 0.0), Duration::from_secs(2));
+        assert_eq!(backoff_delay(5, 0.0), Duration::from_secs(16));
+        assert_eq!(backoff_delay(40, 0.0), Duration::from_secs(300));
+        assert!(backoff_delay(3, 0.2) <= Duration::from_secs_f64(4.8 + 1e-9));
+    }
+}

@@ -1,0 +1,121 @@
+//! The ModelRoute controller: status only (backends, and whether every referenced Secret
+//! key exists).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use parley_crds::{ModelRoute, ModelRouteStatus};
+
+use super::conditions::{self, Desired};
+use super::{
+    Context, Error, drain, object_key, patch_status, same_namespace, scoped_api, secret_keys,
+};
+use crate::render::SecretKeys;
+
+const KIND: &str = "ModelRoute";
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Runs the ModelRoute controller until `shutdown`.
+pub async fn controller(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = ctx.settings.namespace.as_deref();
+    let controller = Controller::new(
+        scoped_api::<ModelRoute>(&client, ns),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    let stream = controller
+        .watches(
+            scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
+            watcher::Config::default(),
+            move |secret| same_namespace(&store, &secret),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx);
+    drain(KIND, stream).await;
+}
+
+async fn reconcile(route: Arc<ModelRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&route, &ctx).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    };
+    ctx.metrics.observe(KIND, label, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&object_key(route.as_ref()));
+    }
+    result
+}
+
+fn error_policy(route: Arc<ModelRoute>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.failure_backoff(&object_key(route.as_ref()));
+    tracing::warn!(route = %object_key(route.as_ref()), error = %error, retry_in_ms = delay.as_millis() as u64, "ModelRoute reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_inner(route: &ModelRoute, ctx: &Context) -> Result<Action, Error> {
+    if route.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let Some(ns) = route.namespace() else {
+        return Err(Error::Unnamed(object_key(route)));
+    };
+    let secrets = secret_keys(&ctx.client, &ns).await?;
+    let current = route.status.clone().unwrap_or_default();
+    let status = ModelRouteStatus {
+        common: parley_crds::common::CommonStatus {
+            observed_generation: route.meta().generation,
+            conditions: conditions::compute(
+                &current.common.conditions,
+                &[readiness(route, &secrets)],
+                route.meta().generation,
+                Timestamp::now(),
+            ),
+        },
+        backends: u32::try_from(route.spec.backends.len()).ok(),
+    };
+    if route.status.as_ref() != Some(&status) {
+        patch_status(&ctx.client, route, &status).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// `Ready=False, MissingSecret` naming each backend whose key Secret or key is missing.
+pub fn readiness(route: &ModelRoute, secrets: &SecretKeys) -> Desired {
+    let missing: Vec<String> = route
+        .spec
+        .backends
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| {
+            let r = b.api_key_secret_ref.as_ref()?;
+            let present = secrets.get(&r.name).is_some_and(|k| k.contains(&r.key));
+            (!present).then(|| {
+                format!(
+                    "spec.backends[{i}].apiKeySecretRef: Secret {} has no key {}",
+                    r.name, r.key
+                )
+            })
+        })
+        .collect();
+    if missing.is_empty() {
+        Desired::ready(
+            true,
+            "Valid",
+            format!("{} backend(s)", route.spec.backends.len()),
+        )
+    } else {
+        Desired::ready(false, "MissingSecret", missing.join("; "))
+    }
+}

@@ -1,0 +1,255 @@
+//! The Tenant controller: a Tenant without `apiKeys` gets Secret `<tenant>-api-key` (key
+//! `api-key`), created once with POST and never updated or replaced; and Tenant status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use parley_crds::tenant::GENERATED_KEY;
+use parley_crds::{Tenant, TenantStatus};
+
+use super::conditions::{self, Desired};
+use super::{
+    Context, Error, drain, kube_err, object_key, patch_status, same_namespace, scoped_api,
+    secret_keys,
+};
+use crate::render::{MANAGER, SecretKeys};
+
+const KIND: &str = "Tenant";
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Runs the Tenant controller until `shutdown`.
+pub async fn controller(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = ctx.settings.namespace.as_deref();
+    let controller = Controller::new(
+        scoped_api::<Tenant>(&client, ns),
+        watcher::Config::default(),
+    );
+    let store = controller.store();
+    let stream = controller
+        // Metadata only: a deleted key Secret is recreated, and no value is cached. Any
+        // Secret change re-checks the Tenants of its namespace (MissingSecret).
+        .watches(
+            scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
+            watcher::Config::default(),
+            move |secret| same_namespace(&store, &secret),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx);
+    drain(KIND, stream).await;
+}
+
+async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&tenant, &ctx).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    };
+    ctx.metrics.observe(KIND, label, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&object_key(tenant.as_ref()));
+    }
+    result
+}
+
+fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.failure_backoff(&object_key(tenant.as_ref()));
+    tracing::warn!(tenant = %object_key(tenant.as_ref()), error = %error, retry_in_ms = delay.as_millis() as u64, "Tenant reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_inner(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
+    if tenant.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let Some(ns) = tenant.namespace() else {
+        return Err(Error::Unnamed(object_key(tenant)));
+    };
+    let key_secret = if tenant.spec.api_keys.is_empty() {
+        let name = tenant.generated_key_secret_name();
+        ensure_key_secret(ctx, tenant, &ns, &name).await?;
+        Some(name)
+    } else {
+        None
+    };
+    let secrets = secret_keys(&ctx.client, &ns).await?;
+    let desired = readiness(tenant, &secrets, key_secret.is_some());
+    let current = tenant.status.clone().unwrap_or_default();
+    let status = TenantStatus {
+        common: parley_crds::common::CommonStatus {
+            observed_generation: tenant.meta().generation,
+            conditions: conditions::compute(
+                &current.common.conditions,
+                &[desired],
+                tenant.meta().generation,
+                Timestamp::now(),
+            ),
+        },
+        key_secret,
+    };
+    if tenant.status.as_ref() != Some(&status) {
+        patch_status(&ctx.client, tenant, &status).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// `Ready`: every key Secret the Tenant names exists with its key. The generated Secret
+/// was just created (or already existed), so it counts as present.
+fn readiness(tenant: &Tenant, secrets: &SecretKeys, generated: bool) -> Desired {
+    if generated {
+        return Desired::ready(
+            true,
+            "KeyGenerated",
+            format!(
+                "API key in Secret {} (key {GENERATED_KEY})",
+                tenant.generated_key_secret_name()
+            ),
+        );
+    }
+    let missing: Vec<String> = tenant
+        .spec
+        .api_keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| {
+            !secrets
+                .get(&k.secret_ref.name)
+                .is_some_and(|keys| keys.contains(&k.secret_ref.key))
+        })
+        .map(|(i, k)| {
+            format!(
+                "spec.apiKeys[{i}]: Secret {} has no key {}",
+                k.secret_ref.name, k.secret_ref.key
+            )
+        })
+        .chain(
+            tenant
+                .spec
+                .upstream_keys
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| {
+                    !secrets
+                        .get(&k.secret_ref.name)
+                        .is_some_and(|keys| keys.contains(&k.secret_ref.key))
+                })
+                .map(|(i, k)| {
+                    format!(
+                        "spec.upstreamKeys[{i}]: Secret {} has no key {}",
+                        k.secret_ref.name, k.secret_ref.key
+                    )
+                }),
+        )
+        .collect();
+    if missing.is_empty() {
+        Desired::ready(
+            true,
+            "KeysConfigured",
+            format!("{} API key(s)", tenant.spec.api_keys.len()),
+        )
+    } else {
+        Desired::ready(false, "MissingSecret", missing.join("; "))
+    }
+}
+
+/// A new API key: `pk-` and 32 bytes of OS randomness in hex.
+pub fn generate_key() -> Result<String, Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(format!("pk-{}", hex::encode(bytes)))
+}
+
+/// Creates the generated key Secret if it does not exist. POST only: an existing Secret
+/// (409) is left exactly as it is, so a key is never replaced.
+async fn ensure_key_secret(
+    ctx: &Context,
+    tenant: &Tenant,
+    ns: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    // A metadata read first: the usual case (it exists) costs no key generation and
+    // transfers no value.
+    if api
+        .get_metadata_opt(name)
+        .await
+        .map_err(kube_err(format!("reading Secret {ns}/{name} metadata")))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(ns.to_string()),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_string(),
+                    MANAGER.to_string(),
+                ),
+                (
+                    "app.kubernetes.io/part-of".to_string(),
+                    "parley".to_string(),
+                ),
+                ("parley.dev/tenant".to_string(), tenant.name_any()),
+            ])),
+            owner_references: tenant.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_string()),
+        data: Some(BTreeMap::from([(
+            GENERATED_KEY.to_string(),
+            ByteString(generate_key()?.into_bytes()),
+        )])),
+        ..Secret::default()
+    };
+    let params = PostParams {
+        field_manager: Some(MANAGER.to_string()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &secret).await {
+        Ok(_) => {
+            tracing::info!(secret = %format!("{ns}/{name}"), tenant = %tenant.name_any(), "generated an API key Secret");
+            super::chatbot::publish(
+                ctx,
+                tenant,
+                kube::runtime::events::EventType::Normal,
+                "KeyGenerated",
+                "Create",
+                format!("generated API key Secret {name} (key {GENERATED_KEY})"),
+            )
+            .await;
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(kube_err(format!("creating Secret {ns}/{name}"))(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_long_random_and_distinct() {
+        let a = generate_key().unwrap_or_default();
+        let b = generate_key().unwrap_or_default();
+        assert!(a.starts_with("pk-"));
+        assert_eq!(a.len(), 3 + 64);
+        assert_ne!(a, b);
+    }
+}
