@@ -183,7 +183,8 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
     }
 }
 
-/// The status to write: `desired` conditions over the current ones, plus counts.
+/// The status to write: `desired` conditions over the current ones, plus counts (those
+/// of `rendered`, or the current ones when nothing new was applied).
 fn status_with(
     chatbot: &Chatbot,
     desired: &[Desired],
@@ -199,10 +200,19 @@ fn status_with(
         chatbot.meta().generation,
         Timestamp::now(),
     );
-    if let Some(rendered) = rendered {
-        status.models = u32::try_from(rendered.models.len()).ok();
-        status.tenants = u32::try_from(rendered.tenants.len()).ok();
-        status.config_hash = Some(rendered.config_hash.clone());
+    match rendered {
+        Some(rendered) => {
+            status.models = u32::try_from(rendered.models.len()).ok();
+            status.tenants = u32::try_from(rendered.tenants.len()).ok();
+            status.config_hash = Some(rendered.config_hash.clone());
+        }
+        // Refused or not applied: what runs is still the last good config, so its
+        // numbers stay (Ready=False says the spec is not in effect).
+        None => {
+            status.models = current.models;
+            status.tenants = current.tenants;
+            status.config_hash = current.config_hash.clone();
+        }
     }
     status.ready_replicas = ready_replicas.or(current.ready_replicas);
     status
