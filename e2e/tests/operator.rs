@@ -599,6 +599,52 @@ async fn operator_only_errors_give_invalid_spec_and_an_event() -> anyhow::Result
 }
 
 #[tokio::test]
+async fn failed_apply_gives_apply_failed_and_is_retried() -> anyhow::Result<()> {
+    with_cluster(|cluster, operator_client| async move {
+        let ns = cluster.namespace.clone();
+        let admin = cluster.client.clone();
+        // A Deployment in the way whose selector (immutable) differs from the rendered one.
+        apply_yaml(
+            &admin,
+            &ns,
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: blocked-gateway}\nspec:\n  selector: {matchLabels: {app: other}}\n  template:\n    metadata: {labels: {app: other}}\n    spec: {containers: [{name: c, image: busybox}]}\n",
+        )
+        .await?;
+        let operator = Operator::start(operator_client, &ns);
+        apply_yaml(
+            &admin,
+            &ns,
+            &samples(&["00-secrets.yaml", "10-modelroutes.yaml", "20-tenants.yaml"]),
+        )
+        .await?;
+        apply_yaml(
+            &admin,
+            &ns,
+            "apiVersion: parley.dev/v1alpha1\nkind: Chatbot\nmetadata: {name: blocked}\nspec:\n  defaultModel: gpt-4o\n",
+        )
+        .await?;
+        let chatbots = Api::<Chatbot>::namespaced(admin.clone(), &ns);
+        let cb = chatbot_ready(&chatbots, "blocked", "False").await?;
+        let (_, reason, message) = ready_condition(&cb).unwrap();
+        assert_eq!(reason, "ApplyFailed");
+        assert!(message.contains("Deployment"), "{message}");
+        // Retried with backoff: the attempts are counted under a category, not a name.
+        eventually("a second failed attempt", || async {
+            Ok((operator.metrics.reconciles("Chatbot", "invalid") >= 2).then_some(()))
+        })
+        .await?;
+        // Once the obstacle is gone, the retry succeeds.
+        Api::<Deployment>::namespaced(admin.clone(), &ns)
+            .delete("blocked-gateway", &DeleteParams::foreground())
+            .await?;
+        chatbot_ready(&chatbots, "blocked", "True").await?;
+        operator.stop().await?;
+        Ok(cluster)
+    })
+    .await
+}
+
+#[tokio::test]
 async fn leader_election_takes_and_releases_the_lease() -> anyhow::Result<()> {
     with_cluster(|cluster, operator_client| async move {
         let ns = cluster.namespace.clone();
