@@ -316,11 +316,10 @@ async fn samples_are_reconciled_owned_keyed_and_collected() -> anyhow::Result<()
         let p = Api::<PodDisruptionBudget>::namespaced(admin.clone(), &ns).get(name).await?;
         assert!(owned_by(&d, &uid) && owned_by(&s, &uid) && owned_by(&c, &uid));
         assert!(owned_by(&a, &uid) && owned_by(&h, &uid) && owned_by(&p, &uid));
-        assert_eq!(
-            d.spec.as_ref().and_then(|s| s.replicas),
-            Some(1),
-            "no HPA controller runs here: the Deployment keeps the default until one does"
-        );
+        // Under the HPA the manifest sets no replicas: the default (or, on a cluster with an
+        // HPA controller, the HPA's choice).
+        assert!(d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) >= 1);
+        assert!(!applies_replicas(&d, MANAGER));
 
         // The ConfigMap is exactly what render produces from the live objects.
         let expected = eventually("the ConfigMap to equal render's", || async {
@@ -514,7 +513,10 @@ async fn autoscaling_on_keeps_replicas_and_off_prunes_hpa_and_pdb() -> anyhow::R
             !applies_replicas(&d, MANAGER),
             "the operator still sets replicas"
         );
-        assert!(applies_replicas(&d, HANDOVER_MANAGER));
+        if !cluster.is_external() {
+            // No HPA controller runs here to take the field over from the hand-over manager.
+            assert!(applies_replicas(&d, HANDOVER_MANAGER));
+        }
         // A later reconcile (any change) keeps it so.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let d = deployments.get(name).await?;

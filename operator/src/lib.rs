@@ -1,8 +1,8 @@
 //! The Parley operator: `render`, the pure function from custom resources to the
-//! Kubernetes objects of a Chatbot, and the inputs it reads offline.
+//! Kubernetes objects of a Chatbot, the inputs it reads offline, and the controllers.
 //!
-//! Controllers (a later part) only fetch inputs, call [`render::render`], apply the result
-//! and write status; `parley-operator render` prints what they would apply.
+//! The [`controller`]s only fetch inputs, call [`render::render`], apply the result and
+//! write status; `parley-operator render` prints what they would apply.
 
 pub mod controller;
 pub mod manifests;
