@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -24,7 +24,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::conditions::{self, Desired, MAX_MESSAGE_BYTES};
-use super::{Context, Error, drain, kube_err, object_key, same_namespace, scoped_api, secret_keys};
+use super::{
+    Context, Error, drain, kube_err, measured, object_key, retry_later, same_namespace, scoped_api,
+    secret_keys,
+};
 use crate::render::{self, MANAGER, RenderError, RenderInput, Rendered, Severity};
 
 /// The field manager that briefly co-owns `spec.replicas` while it passes from the
@@ -102,28 +105,11 @@ pub async fn controller(
 }
 
 async fn reconcile(chatbot: Arc<Chatbot>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&chatbot, &ctx).await;
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.category(),
-    };
-    ctx.metrics.observe(KIND, label, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&object_key(chatbot.as_ref()));
-    }
-    result
+    measured(chatbot.as_ref(), &ctx, reconcile_inner(&chatbot, &ctx)).await
 }
 
 fn error_policy(chatbot: Arc<Chatbot>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.failure_backoff(&object_key(chatbot.as_ref()));
-    tracing::warn!(
-        chatbot = %object_key(chatbot.as_ref()),
-        error = %error,
-        retry_in_ms = delay.as_millis() as u64,
-        "Chatbot reconcile failed"
-    );
-    Action::requeue(delay)
+    retry_later(chatbot.as_ref(), error, &ctx)
 }
 
 async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Error> {

@@ -166,6 +166,44 @@ fn jitter_fraction() -> f64 {
 }
 
 /// The key used for backoff bookkeeping: `Kind/namespace/name`.
+/// Runs one reconcile, recording its duration and result category in the metrics and
+/// resetting the object's failure backoff when it succeeds.
+pub(crate) async fn measured<K: Resource<DynamicType = ()>>(
+    object: &K,
+    ctx: &Context,
+    work: impl std::future::Future<Output = Result<kube::runtime::controller::Action, Error>>,
+) -> Result<kube::runtime::controller::Action, Error> {
+    let started = std::time::Instant::now();
+    let result = work.await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    };
+    ctx.metrics
+        .observe(K::kind(&()).as_ref(), label, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&object_key(object));
+    }
+    result
+}
+
+/// The shared error policy: log, then requeue with the object's growing backoff.
+pub(crate) fn retry_later<K: Resource<DynamicType = ()>>(
+    object: &K,
+    error: &Error,
+    ctx: &Context,
+) -> kube::runtime::controller::Action {
+    let key = object_key(object);
+    let delay = ctx.failure_backoff(&key);
+    tracing::warn!(
+        object = %key,
+        error = %error,
+        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        "reconcile failed"
+    );
+    kube::runtime::controller::Action::requeue(delay)
+}
+
 pub(crate) fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
         "{}/{}/{}",

@@ -2,7 +2,7 @@
 //! key exists).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -14,7 +14,8 @@ use parley_crds::{ModelRoute, ModelRouteStatus};
 
 use super::conditions::{self, Desired};
 use super::{
-    Context, Error, drain, object_key, patch_status, same_namespace, scoped_api, secret_keys,
+    Context, Error, drain, measured, object_key, patch_status, retry_later, same_namespace,
+    scoped_api, secret_keys,
 };
 use crate::render::SecretKeys;
 
@@ -45,23 +46,11 @@ pub async fn controller(
 }
 
 async fn reconcile(route: Arc<ModelRoute>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&route, &ctx).await;
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.category(),
-    };
-    ctx.metrics.observe(KIND, label, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&object_key(route.as_ref()));
-    }
-    result
+    measured(route.as_ref(), &ctx, reconcile_inner(&route, &ctx)).await
 }
 
 fn error_policy(route: Arc<ModelRoute>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.failure_backoff(&object_key(route.as_ref()));
-    tracing::warn!(route = %object_key(route.as_ref()), error = %error, retry_in_ms = delay.as_millis() as u64, "ModelRoute reconcile failed");
-    Action::requeue(delay)
+    retry_later(route.as_ref(), error, &ctx)
 }
 
 async fn reconcile_inner(route: &ModelRoute, ctx: &Context) -> Result<Action, Error> {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -19,8 +19,8 @@ use parley_crds::{Tenant, TenantStatus};
 
 use super::conditions::{self, Desired};
 use super::{
-    Context, Error, drain, kube_err, object_key, patch_status, same_namespace, scoped_api,
-    secret_keys,
+    Context, Error, drain, kube_err, measured, object_key, patch_status, retry_later,
+    same_namespace, scoped_api, secret_keys,
 };
 use crate::render::{MANAGER, SecretKeys};
 
@@ -53,23 +53,11 @@ pub async fn controller(
 }
 
 async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&tenant, &ctx).await;
-    let label = match &result {
-        Ok(_) => "ok",
-        Err(e) => e.category(),
-    };
-    ctx.metrics.observe(KIND, label, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&object_key(tenant.as_ref()));
-    }
-    result
+    measured(tenant.as_ref(), &ctx, reconcile_inner(&tenant, &ctx)).await
 }
 
 fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.failure_backoff(&object_key(tenant.as_ref()));
-    tracing::warn!(tenant = %object_key(tenant.as_ref()), error = %error, retry_in_ms = delay.as_millis() as u64, "Tenant reconcile failed");
-    Action::requeue(delay)
+    retry_later(tenant.as_ref(), error, &ctx)
 }
 
 async fn reconcile_inner(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
