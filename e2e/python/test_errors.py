@@ -88,6 +88,8 @@ def test_bad_requests(setup):
     r = gw.post("/v1/chat/completions", {"model": "claude", "messages": MSG}, key=OTHER_KEY)
     assert r.status_code == 403
     assert "claude" in openai_error(r)["message"]
+    assert gw.metric("parley_requests_total", model="claude", status="403") == 1, "refusals count under the model"
+    assert gw.metric("parley_requests_total", model="gpt-5-turbo") == 0, "unknown names never become labels"
     assert oai.requests() == 0
 
 

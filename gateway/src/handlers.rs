@@ -272,10 +272,13 @@ fn set_common(resp: &mut Response, model: &str, backend: &str, overhead: Duratio
 }
 
 /// Resolves the model a request may use and its fallback chain.
+/// The model a request names and its fallback chain as this tenant may use it. Once the
+/// model is known it is recorded in `acct`, so refusals are counted under it.
 fn resolve_model(
     rt: &Runtime,
     tenant: &Tenant,
     name: &str,
+    acct: &mut Accounting,
 ) -> Result<(Arc<Model>, Vec<Arc<Model>>), ApiError> {
     let Some(model) = rt.models.get(name) else {
         let mut known: Vec<&str> = rt
@@ -293,6 +296,7 @@ fn resolve_model(
             ),
         ));
     };
+    acct.model = Arc::clone(&model.name);
     if !tenant.may_use(name) {
         return Err(ApiError::new(
             ErrorKind::Permission,
@@ -499,11 +503,10 @@ async fn serve_api(
             );
         }
     };
-    let (model, chain) = match resolve_model(&rt, tenant, &model_name) {
+    let (model, chain) = match resolve_model(&rt, tenant, &model_name, &mut acct) {
         Ok(x) => x,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
-    acct.model = Arc::clone(&model.name);
     acct.price = Some(model.price);
     let admission = match admit(&state, tenant, &model, &body, bytes.len(), None).await {
         Ok(a) => a,
@@ -759,11 +762,10 @@ pub async fn chat(
         Ok(i) => i,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
-    let (model, chain) = match resolve_model(&rt, tenant, &input.model) {
+    let (model, chain) = match resolve_model(&rt, tenant, &input.model, &mut acct) {
         Ok(x) => x,
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
-    acct.model = Arc::clone(&model.name);
     acct.price = Some(model.price);
     let sessions_cfg = rt.config.sessions;
     let ttl = Duration::from_secs(sessions_cfg.ttl_seconds);
