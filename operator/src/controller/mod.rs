@@ -204,6 +204,23 @@ pub(crate) fn retry_later<K: Resource<DynamicType = ()>>(
     kube::runtime::controller::Action::requeue(delay)
 }
 
+/// `"<field>: Secret <name> has no key <key>"` for each reference whose Secret or key is
+/// missing from `secrets`.
+pub(crate) fn missing_secret_keys<'a>(
+    references: impl IntoIterator<Item = (String, &'a parley_crds::common::SecretKeyRef)>,
+    secrets: &crate::render::SecretKeys,
+) -> Vec<String> {
+    references
+        .into_iter()
+        .filter(|(_, r)| {
+            !secrets
+                .get(&r.name)
+                .is_some_and(|keys| keys.contains(&r.key))
+        })
+        .map(|(field, r)| format!("{field}: Secret {} has no key {}", r.name, r.key))
+        .collect()
+}
+
 pub(crate) fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     format!(
         "{}/{}/{}",

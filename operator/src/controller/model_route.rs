@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use parley_crds::{ModelRoute, ModelRouteStatus};
 
 use super::conditions::{self, Desired};
+use super::missing_secret_keys;
 use super::{
     Context, Error, drain, measured, object_key, patch_status, retry_later, same_namespace,
     scoped_api, secret_keys,
@@ -82,22 +83,11 @@ async fn reconcile_inner(route: &ModelRoute, ctx: &Context) -> Result<Action, Er
 
 /// `Ready=False, MissingSecret` naming each backend whose key Secret or key is missing.
 pub fn readiness(route: &ModelRoute, secrets: &SecretKeys) -> Desired {
-    let missing: Vec<String> = route
-        .spec
-        .backends
-        .iter()
-        .enumerate()
-        .filter_map(|(i, b)| {
-            let r = b.api_key_secret_ref.as_ref()?;
-            let present = secrets.get(&r.name).is_some_and(|k| k.contains(&r.key));
-            (!present).then(|| {
-                format!(
-                    "spec.backends[{i}].apiKeySecretRef: Secret {} has no key {}",
-                    r.name, r.key
-                )
-            })
-        })
-        .collect();
+    let references = route.spec.backends.iter().enumerate().filter_map(|(i, b)| {
+        let secret = b.api_key_secret_ref.as_ref()?;
+        Some((format!("spec.backends[{i}].apiKeySecretRef"), secret))
+    });
+    let missing = missing_secret_keys(references, secrets);
     if missing.is_empty() {
         Desired::ready(
             true,
@@ -106,5 +96,33 @@ pub fn readiness(route: &ModelRoute, secrets: &SecretKeys) -> Desired {
         )
     } else {
         Desired::ready(false, "MissingSecret", missing.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_without_its_key_is_not_ready() {
+        let route: ModelRoute = serde_json::from_value(serde_json::json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "ModelRoute",
+            "metadata": {"name": "gpt-4o", "namespace": "ns"},
+            "spec": {"backends": [
+                {"name": "a", "provider": "openai", "baseUrl": "http://x/v1", "apiKeySecretRef": {"name": "llm", "key": "a"}},
+                {"name": "b", "provider": "openai", "baseUrl": "http://x/v1", "apiKeySecretRef": {"name": "llm", "key": "b"}}
+            ]}
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut secrets = SecretKeys::new();
+        secrets.insert("llm".into(), ["a".to_string()].into());
+        let ready = readiness(&route, &secrets);
+        assert!(!ready.status);
+        assert_eq!(
+            ready.message,
+            "spec.backends[1].apiKeySecretRef: Secret llm has no key b"
+        );
+        secrets.insert("llm".into(), ["a".to_string(), "b".to_string()].into());
+        assert!(readiness(&route, &secrets).status);
     }
 }

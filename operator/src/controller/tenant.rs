@@ -18,6 +18,7 @@ use parley_crds::tenant::GENERATED_KEY;
 use parley_crds::{Tenant, TenantStatus};
 
 use super::conditions::{self, Desired};
+use super::missing_secret_keys;
 use super::{
     Context, Error, drain, kube_err, measured, object_key, patch_status, retry_later,
     same_namespace, scoped_api, secret_keys,
@@ -108,41 +109,17 @@ fn readiness(tenant: &Tenant, secrets: &SecretKeys, generated: bool) -> Desired 
             ),
         );
     }
-    let missing: Vec<String> = tenant
-        .spec
-        .api_keys
-        .iter()
-        .enumerate()
-        .filter(|(_, k)| {
-            !secrets
-                .get(&k.secret_ref.name)
-                .is_some_and(|keys| keys.contains(&k.secret_ref.key))
-        })
-        .map(|(i, k)| {
-            format!(
-                "spec.apiKeys[{i}]: Secret {} has no key {}",
-                k.secret_ref.name, k.secret_ref.key
-            )
-        })
-        .chain(
-            tenant
-                .spec
-                .upstream_keys
-                .iter()
-                .enumerate()
-                .filter(|(_, k)| {
-                    !secrets
-                        .get(&k.secret_ref.name)
-                        .is_some_and(|keys| keys.contains(&k.secret_ref.key))
-                })
-                .map(|(i, k)| {
-                    format!(
-                        "spec.upstreamKeys[{i}]: Secret {} has no key {}",
-                        k.secret_ref.name, k.secret_ref.key
-                    )
-                }),
-        )
-        .collect();
+    let api_keys = tenant.spec.api_keys.iter().enumerate();
+    let upstream_keys = tenant.spec.upstream_keys.iter().enumerate();
+    let missing = missing_secret_keys(
+        api_keys
+            .map(|(i, k)| (format!("spec.apiKeys[{i}].secretRef"), &k.secret_ref))
+            .chain(
+                upstream_keys
+                    .map(|(i, k)| (format!("spec.upstreamKeys[{i}].secretRef"), &k.secret_ref)),
+            ),
+        secrets,
+    );
     if missing.is_empty() {
         Desired::ready(
             true,
@@ -239,5 +216,30 @@ mod tests {
         assert!(a.starts_with("pk-"));
         assert_eq!(a.len(), 3 + 64);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn missing_keys_are_named_by_field() {
+        let tenant: Tenant = serde_json::from_value(serde_json::json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": "acme", "namespace": "ns"},
+            "spec": {
+                "apiKeys": [{"secretRef": {"name": "acme-key", "key": "api-key"}}],
+                "upstreamKeys": [{"model": "m", "backend": "b", "secretRef": {"name": "acme-openai", "key": "key"}}]
+            }
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut secrets = SecretKeys::new();
+        secrets.insert("acme-key".into(), ["api-key".to_string()].into());
+        let ready = readiness(&tenant, &secrets, false);
+        assert!(!ready.status);
+        assert_eq!(ready.reason, "MissingSecret");
+        assert_eq!(
+            ready.message,
+            "spec.upstreamKeys[0].secretRef: Secret acme-openai has no key key"
+        );
+        secrets.insert("acme-openai".into(), ["key".to_string()].into());
+        let ready = readiness(&tenant, &secrets, false);
+        assert!(ready.status, "{}", ready.message);
     }
 }
