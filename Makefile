@@ -14,7 +14,7 @@ export PARLEY_MOCK_LLM_BIN ?= $(CURDIR)/target/debug/parley-mock-llm
 
 -include e2e/controlplane/controlplane.mk
 
-.PHONY: help build release lint fmt crds render demo test test-rust test-python bench chaos toolchain clean
+.PHONY: help build release lint fmt crds render demo test test-rust test-python services bench chaos toolchain clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,10 +52,13 @@ demo: toolchain ## The whole path on embedded defaults: no cluster, no keys, no 
 
 test: lint test-rust test-python ## Everything CI runs
 
-test-rust: toolchain $(CONTROLPLANE_BIN)
+services: ## Start the shared test services (Redis on 127.0.0.1:6379) unless they are running
+	@scripts/services.sh
+
+test-rust: toolchain services $(CONTROLPLANE_BIN)
 	$(CARGO) test --workspace --no-fail-fast
 
-test-python: $(VENV)/.installed build
+test-python: $(VENV)/.installed build services
 	$(PYTHON) -m pytest -q e2e/manifests
 	$(PYTHON) -m pytest -q -c e2e/python/pytest.ini e2e/python
 

@@ -24,7 +24,8 @@ pub struct Entry {
     pub backend: Arc<String>,
     /// Its usage (not charged again on a hit).
     pub usage: Usage,
-    expires: Instant,
+    /// When it stops being served (in-process entries).
+    pub expires: Instant,
 }
 
 /// Most entries kept.

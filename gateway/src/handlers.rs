@@ -14,9 +14,10 @@ use serde_json::{Map, Value, json};
 
 use crate::cache;
 use crate::error::{ApiError, ApiFormat, ErrorKind};
-use crate::limits::{LimitRequest, Limiter, Reservation};
+use crate::limits::{LimitRequest, Limiter, RefusalKind, Reservation};
 use crate::metrics::{Label, ModelLabel, RefusalLabels, RequestLabels, TenantModel, TokenLabels};
 use crate::proxy::{self, ClientRequest, Served, StreamStart};
+use crate::redis_state::{CachedEntry, Redis, RedisReservation};
 use crate::runtime::{Model, Runtime, Tenant, cost_at};
 use crate::sessions::SessionStore;
 use crate::state::AppState;
@@ -36,6 +37,14 @@ fn label(s: &str) -> Label {
     Arc::new(s.to_string())
 }
 
+/// What admission reserved, and where.
+enum Held {
+    /// In this process.
+    Local(Reservation),
+    /// In Redis.
+    Shared(Arc<Redis>, RedisReservation),
+}
+
 /// Everything recorded about a request once it ends (also when the client goes away).
 struct Accounting {
     state: Arc<AppState>,
@@ -44,7 +53,7 @@ struct Accounting {
     model: Label,
     backend: Label,
     start: Instant,
-    reservation: Option<Reservation>,
+    reservation: Option<Held>,
     price: Option<(i64, i64)>,
     done: bool,
 }
@@ -109,15 +118,25 @@ impl Accounting {
         if cost > 0 {
             m.cost.get_or_create(&tm).inc_by(cost as u64);
         }
-        if let Some(r) = self.reservation.take() {
-            let limiter = Arc::clone(&self.state.limiter);
-            let tokens = usage.input.saturating_add(usage.output);
-            // Settled off the request path; outside a runtime (shutdown), right here.
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn(async move { limiter.settle(r, tokens, cost).await });
+        let tokens = usage.input.saturating_add(usage.output);
+        match self.reservation.take() {
+            None => {}
+            Some(Held::Local(r)) => {
+                let limiter = Arc::clone(&self.state.limiter);
+                // Settled off the request path; outside a runtime (shutdown), right here.
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => {
+                        handle.spawn(async move { limiter.settle(r, tokens, cost).await });
+                    }
+                    Err(_) => limiter.settle_now(r, tokens, cost),
                 }
-                Err(_) => limiter.settle_now(r, tokens, cost),
+            }
+            Some(Held::Shared(redis, r)) => {
+                // One more round trip, in a spawned task (off the request path; a client
+                // that went away cannot cancel it).
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move { redis.settle(r, tokens, cost).await });
+                }
             }
         }
     }
@@ -325,11 +344,12 @@ fn requested_max_tokens(body: &Map<String, Value>) -> Option<u64> {
 }
 
 struct Admission {
-    reservation: Reservation,
+    reservation: Option<Held>,
 }
 
 async fn admit(
     state: &AppState,
+    rt: &Runtime,
     tenant: &Tenant,
     model: &Model,
     body: &Map<String, Value>,
@@ -350,7 +370,29 @@ async fn admit(
         budget_micros: tenant.budget_micros,
         cost_micros: cost,
     };
-    match state.limiter.admit(&req).await {
+    let decided = match &rt.redis {
+        Some(redis) => redis
+            .admit(&req, rt.config.rate_limit_failure_mode)
+            .await
+            .map(|r| r.map(|r| Held::Shared(Arc::clone(redis), r))),
+        None => {
+            let d = state
+                .limiter
+                .admit(&req)
+                .await
+                .map(|r| Some(Held::Local(r)));
+            state
+                .metrics
+                .limit_decisions
+                .get_or_create(&crate::metrics::DecisionLabels {
+                    backend: "local",
+                    result: if d.is_ok() { "admitted" } else { "refused" },
+                })
+                .inc();
+            d
+        }
+    };
+    match decided {
         Ok(reservation) => Ok(Admission { reservation }),
         Err(refusal) => {
             state
@@ -358,18 +400,25 @@ async fn admit(
                 .refusals
                 .get_or_create(&RefusalLabels {
                     tenant: Arc::clone(&tenant.id),
-                    limit: if refusal.budget { "budget" } else { "rate" },
+                    limit: match refusal.kind {
+                        RefusalKind::Rate => "rate",
+                        RefusalKind::Budget => "budget",
+                        RefusalKind::Unavailable => "unavailable",
+                    },
                 })
                 .inc();
             let mut e = ApiError::new(
-                if refusal.budget {
-                    ErrorKind::Budget
-                } else {
-                    ErrorKind::RateLimited
+                match refusal.kind {
+                    RefusalKind::Rate => ErrorKind::RateLimited,
+                    RefusalKind::Budget => ErrorKind::Budget,
+                    RefusalKind::Unavailable => ErrorKind::Unavailable,
                 },
                 refusal.message,
             );
-            if !refusal.budget {
+            if refusal.kind == RefusalKind::Unavailable {
+                e.retry_after = Some(refusal.retry_after);
+            }
+            if refusal.kind == RefusalKind::Rate {
                 e.retry_after = Some(refusal.retry_after);
                 e.rate_headers = vec![
                     (
@@ -508,11 +557,11 @@ async fn serve_api(
         Err(e) => return error_response(e, format, "none", start, &mut acct),
     };
     acct.price = Some(model.price);
-    let admission = match admit(&state, tenant, &model, &body, bytes.len(), None).await {
+    let admission = match admit(&state, &rt, tenant, &model, &body, bytes.len(), None).await {
         Ok(a) => a,
         Err(e) => return error_response(e, format, &model.name, start, &mut acct),
     };
-    acct.reservation = Some(admission.reservation);
+    acct.reservation = admission.reservation;
     let wants_usage = format == ApiFormat::OpenAi
         && body
             .get("stream_options")
@@ -533,7 +582,24 @@ async fn serve_api(
     let cache_key = (model.config.cache.is_some() && !stream && zero_temperature)
         .then(|| cache::key(&tenant.id, format, &model.name, &req.body));
     if let Some(key) = &cache_key {
-        if let Some(hit) = state.cache.get(key) {
+        let hit = match &rt.redis {
+            Some(redis) => redis
+                .cache_get(&tenant.id, key)
+                .await
+                .map(|e| cache::Entry {
+                    model: rt
+                        .models
+                        .get(&e.model)
+                        .map(|m| Arc::clone(&m.name))
+                        .unwrap_or_else(|| label("unknown")),
+                    backend: label(&e.backend),
+                    usage: e.usage,
+                    body: e.body,
+                    expires: Instant::now(),
+                }),
+            None => state.cache.get(key),
+        };
+        if let Some(hit) = hit {
             state
                 .metrics
                 .cache
@@ -576,14 +642,30 @@ async fn serve_api(
             match served {
                 Served::Full { body, usage } => {
                     if let (Some(key), Some(c)) = (cache_key, &model.config.cache) {
-                        state.cache.put(
-                            key,
-                            body.clone(),
-                            Arc::clone(&by.model.name),
-                            Arc::clone(&backend.name),
-                            usage,
-                            Duration::from_secs(c.ttl_seconds),
-                        );
+                        let ttl = Duration::from_secs(c.ttl_seconds);
+                        match &rt.redis {
+                            Some(redis) => {
+                                let redis = Arc::clone(redis);
+                                let tenant_id = Arc::clone(&tenant.id);
+                                let entry = CachedEntry {
+                                    model: by.model.name.to_string(),
+                                    backend: backend.name.to_string(),
+                                    usage,
+                                    body: body.clone(),
+                                };
+                                tokio::spawn(async move {
+                                    redis.cache_put(&tenant_id, &key, &entry, ttl).await;
+                                });
+                            }
+                            None => state.cache.put(
+                                key,
+                                body.clone(),
+                                Arc::clone(&by.model.name),
+                                Arc::clone(&backend.name),
+                                usage,
+                                ttl,
+                            ),
+                        }
                     }
                     let mut resp = json_response(body);
                     set_common(&mut resp, &by.model.name, &backend.name, overhead);
@@ -769,10 +851,24 @@ pub async fn chat(
     acct.price = Some(model.price);
     let sessions_cfg = rt.config.sessions;
     let ttl = Duration::from_secs(sessions_cfg.ttl_seconds);
-    let history = state
-        .sessions
-        .load(&tenant.id, &input.session_id, ttl)
-        .await;
+    let history = match &rt.redis {
+        Some(redis) => match redis.session_load(&tenant.id, &input.session_id, ttl).await {
+            Some(h) => h,
+            None => {
+                let e = ApiError::new(
+                    ErrorKind::Unavailable,
+                    "the session store (Redis) is unreachable, so the conversation cannot be continued; retry shortly",
+                );
+                return error_response(e, format, &model.name, start, &mut acct);
+            }
+        },
+        None => {
+            state
+                .sessions
+                .load(&tenant.id, &input.session_id, ttl)
+                .await
+        }
+    };
     let mut messages = Vec::with_capacity(history.len() + input.messages.len() + 1);
     if let Some(sp) = &rt.config.system_prompt {
         messages.push(json!({"role": "system", "content": sp}));
@@ -788,11 +884,12 @@ pub async fn chat(
     let session = sessions_cfg
         .requests_per_minute
         .map(|rpm| (input.session_id.as_str(), rpm));
-    let admission = match admit(&state, tenant, &model, &req_body, bytes.len(), session).await {
+    let admission = match admit(&state, &rt, tenant, &model, &req_body, bytes.len(), session).await
+    {
         Ok(a) => a,
         Err(e) => return error_response(e, format, &model.name, start, &mut acct),
     };
-    acct.reservation = Some(admission.reservation);
+    acct.reservation = admission.reservation;
     let req = ClientRequest {
         format,
         body: req_body,
@@ -840,16 +937,20 @@ pub async fn chat(
                 assistant.insert("tool_calls".into(), calls.clone());
             }
             stored.push(Value::Object(assistant));
-            state
-                .sessions
-                .append(
-                    &tenant.id,
-                    &input.session_id,
-                    stored,
-                    sessions_cfg.max_messages as usize,
-                    ttl,
-                )
-                .await;
+            let max = sessions_cfg.max_messages as usize;
+            match &rt.redis {
+                Some(redis) => {
+                    redis
+                        .session_append(&tenant.id, &input.session_id, &stored, max, ttl)
+                        .await;
+                }
+                None => {
+                    state
+                        .sessions
+                        .append(&tenant.id, &input.session_id, stored, max, ttl)
+                        .await;
+                }
+            }
             let out = json!({
                 "session_id": input.session_id,
                 "reply": reply,

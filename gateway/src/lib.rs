@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod redis_state;
 pub mod reload;
 pub mod runtime;
 pub mod server;

@@ -1,8 +1,8 @@
 //! Admission limits: tenant requests per minute/hour/day, tokens per minute, per-model
 //! quotas, per-session requests per minute and the monthly budget.
 //!
-//! [`Limiter`] is the seam for the Redis implementation (a later issue); this file holds
-//! the in-process one. A per-minute limit of N admits at most N requests in any 60 s
+//! [`Limiter`] is the seam; this file holds the in-process implementation, used when no
+//! Redis is configured (`redis_state` has the shared one). A per-minute limit of N admits at most N requests in any 60 s
 //! (an exact sliding log); hour and day limits count in sixty sub-windows. Tokens and
 //! cost are reserved at admission and settled to real usage afterwards.
 
@@ -35,11 +35,22 @@ pub struct LimitRequest<'a> {
     pub cost_micros: i64,
 }
 
+/// What kind of refusal it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// A rate limit or quota (429).
+    Rate,
+    /// The monthly budget (402).
+    Budget,
+    /// The shared limit store is unreachable and the failure mode is `closed` (503).
+    Unavailable,
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// `true`: budget (402); `false`: a rate limit (429).
-    pub budget: bool,
+    /// Which status it becomes.
+    pub kind: RefusalKind,
     /// Names the limit.
     pub message: String,
     /// Whole seconds until it could pass.
@@ -319,7 +330,7 @@ fn days_from_civil(y: i64, m: i64) -> i64 {
 
 fn refuse(what: String, retry_after: u64, limit: u64, unit: &'static str) -> Refusal {
     Refusal {
-        budget: false,
+        kind: RefusalKind::Rate,
         message: format!("{what} exceeded; retry after {retry_after} s or ask for a higher limit"),
         retry_after,
         limit,
@@ -428,7 +439,7 @@ impl MemoryLimiter {
             && (t.spent_micros >= budget || t.spent_micros.saturating_add(req.cost_micros) > budget)
         {
             return Err(Refusal {
-                budget: true,
+                kind: RefusalKind::Budget,
                 message: format!(
                     "monthly budget of {} USD is spent ({} USD used or reserved); it resets at the start of next month (UTC)",
                     parley_crds::money::format_usd_micros(budget),
@@ -654,7 +665,10 @@ mod tests {
         r.budget_micros = Some(1_000);
         r.cost_micros = 600;
         let res = l.admit_at(&r, Instant::now()).unwrap();
-        assert!(l.admit_at(&r, Instant::now()).unwrap_err().budget);
+        assert_eq!(
+            l.admit_at(&r, Instant::now()).unwrap_err().kind,
+            RefusalKind::Budget
+        );
         l.settle_now(res, 0, 100);
         assert_eq!(l.spent("t"), 100);
         l.admit_at(&r, Instant::now()).unwrap();

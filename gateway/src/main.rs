@@ -132,6 +132,8 @@ fn serve(config: PathBuf, cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // The process-wide TLS provider (used by the Redis client for rediss:// URLs).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     runtime.block_on(async move {
         let (state, problems) = parley_gateway::init_waiting(config.clone())
             .map_err(|p| anyhow::anyhow!("cannot start: {}", p.join("; ")))?;

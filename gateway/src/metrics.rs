@@ -98,6 +98,22 @@ pub struct RefusalLabels {
     pub limit: &'static str,
 }
 
+/// `{op}` of a Redis command.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// `admit`, `settle`, `session_load`, `session_append`, `cache_get`, `cache_put`.
+    pub op: &'static str,
+}
+
+/// `{backend, result}` of an admission decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `redis` or `local`.
+    pub backend: &'static str,
+    /// `admitted`, `refused`, `redis_down_open`, `redis_down_closed`.
+    pub result: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -140,6 +156,10 @@ pub struct Metrics {
     pub refusals: Family<RefusalLabels, Counter>,
     /// Requests in flight.
     pub in_flight: Gauge,
+    /// Redis commands that failed or timed out.
+    pub redis_errors: Family<OpLabel, Counter>,
+    /// Admission decisions by backend and result.
+    pub limit_decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Metrics {
@@ -206,6 +226,18 @@ impl Metrics {
             "Requests in flight",
             in_flight.clone(),
         );
+        let redis_errors = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Redis commands that failed or timed out",
+            redis_errors.clone(),
+        );
+        let limit_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "limit_decisions",
+            "Admission decisions by backend and result",
+            limit_decisions.clone(),
+        );
         Self {
             registry,
             requests,
@@ -221,6 +253,8 @@ impl Metrics {
             cache,
             refusals,
             in_flight,
+            redis_errors,
+            limit_decisions,
         }
     }
 

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::breaker::Breaker;
 use crate::metrics::{BackendLabels, Label, Metrics};
+use crate::redis_state::{self, Redis};
 
 /// The HTTP client used for upstream calls (HTTP/1.1 and HTTP/2, TLS via rustls).
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -135,6 +136,9 @@ pub struct Runtime {
     pub models: HashMap<String, Arc<Model>>,
     /// Allowed CORS origins (`None` = no CORS).
     pub cors: Option<HashSet<String>>,
+    /// Shared state (limits, sessions, cache) when `redis` is configured and this is a
+    /// serving process (`check` only validates the URL).
+    pub redis: Option<Arc<Redis>>,
 }
 
 impl Runtime {
@@ -171,6 +175,7 @@ pub struct Shared {
     clients: Mutex<HashMap<u64, HttpClient>>,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     warned: Mutex<HashSet<String>>,
+    redis: Mutex<Option<([u8; 32], Arc<Redis>)>>,
     tls: rustls::ClientConfig,
     /// Metrics.
     pub metrics: Arc<Metrics>,
@@ -183,6 +188,7 @@ impl Shared {
             clients: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
+            redis: Mutex::new(None),
             tls: tls_config()?,
             metrics,
         })
@@ -205,6 +211,28 @@ impl Shared {
             .or_insert_with(|| Arc::new(Breaker::new(cb.failure_threshold, open)));
         b.configure(cb.failure_threshold, open);
         Arc::clone(b)
+    }
+
+    /// The Redis client for `url`, kept across reloads while the URL stays the same.
+    /// Outside an async runtime (`check`) the URL is only validated.
+    fn redis(&self, url: &str) -> Result<Option<Arc<Redis>>, String> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return redis_state::check_url(url).map(|()| None);
+        }
+        let digest: [u8; 32] = Sha256::digest(url.as_bytes()).into();
+        let mut slot = self.redis.lock();
+        if let Some((d, r)) = slot.as_ref()
+            && *d == digest
+        {
+            return Ok(Some(Arc::clone(r)));
+        }
+        let r = Arc::new(Redis::connect(
+            url,
+            redis_state::PREFIX,
+            Arc::clone(&self.metrics),
+        )?);
+        *slot = Some((digest, Arc::clone(&r)));
+        Ok(Some(r))
     }
 
     fn warn_once(&self, what: &str, message: &str) {
@@ -272,6 +300,13 @@ pub fn secret_path(source: &SecretSource, base: &Path) -> Option<PathBuf> {
 /// Every secret file a config names.
 pub fn secret_files(config: &GatewayConfig, base: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
+    if let Some(p) = config
+        .redis
+        .as_ref()
+        .and_then(|r| secret_path(&r.url, base))
+    {
+        out.push(p);
+    }
     for m in &config.models {
         for b in &m.backends {
             if let Some(p) = b.api_key.as_ref().and_then(|s| secret_path(s, base)) {
@@ -385,12 +420,6 @@ pub fn build(
 ) -> Result<Runtime, Vec<String>> {
     clamp_durations(&mut config);
     // Said once, loudly, rather than silently serving with less than the config asks for.
-    if config.redis.is_some() {
-        shared.warn_once(
-            "redis",
-            "redis is configured, but this gateway version keeps limits, sessions and cache in process: with several replicas each one enforces the limits on its own",
-        );
-    }
     if config.usage.is_some() {
         shared.warn_once(
             "usage",
@@ -525,6 +554,34 @@ pub fn build(
         .collect();
     models.shrink_to_fit();
 
+    let redis = match &config.redis {
+        None => None,
+        Some(r) => match resolve(&r.url, &base) {
+            Ok(url) if !url.is_empty() => {
+                hasher.update(Sha256::digest(url.as_bytes()));
+                match shared.redis(&url) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                }
+            }
+            // Never the URL itself: it holds the password.
+            Ok(_) => {
+                problems.push(format!(
+                    "redis.url ({}) is empty",
+                    source_name(&r.url, &base)
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("redis.url: {e}"));
+                None
+            }
+        },
+    };
+
     let mut tenants = Vec::new();
     let mut keys = HashMap::new();
     for (i, t) in config.tenants.iter().enumerate() {
@@ -599,6 +656,7 @@ pub fn build(
         keys,
         models,
         cors,
+        redis,
     })
 }
 
