@@ -886,6 +886,31 @@ mod tests {
         r.admit(&m, FailureMode::Closed).await.unwrap();
         let e = r.admit(&m, FailureMode::Closed).await.unwrap_err();
         assert!(e.message.contains("model quota"), "{}", e.message);
+        // Sessions: per tenant and session id; a refused request counts nowhere.
+        let mut s = req(&rl, 0);
+        s.tenant = "ns/s";
+        s.session = Some(("s1", 1));
+        r.admit(&s, FailureMode::Closed).await.unwrap();
+        let e = r.admit(&s, FailureMode::Closed).await.unwrap_err();
+        assert!(e.message.contains("session"), "{}", e.message);
+        s.session = Some(("s2", 1));
+        r.admit(&s, FailureMode::Closed).await.unwrap();
+        s.tenant = "ns/s-other";
+        s.session = Some(("s1", 1));
+        r.admit(&s, FailureMode::Closed).await.unwrap();
+        let mut conn = r.conn.clone();
+        let count: u64 = redis::cmd("ZCARD")
+            .arg(r.tenant_key("ns/s", "rpm"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(count, 2, "the refused session request was not counted");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(r.tenant_key("ns/s", "rpm"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0 && ttl <= 61_000, "keys expire: {ttl}");
     }
 
     #[tokio::test]

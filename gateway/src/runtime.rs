@@ -232,6 +232,11 @@ impl Shared {
             Arc::clone(&self.metrics),
         )?);
         *slot = Some((digest, Arc::clone(&r)));
+        // Never the URL: it holds the password.
+        tracing::info!(
+            prefix = redis_state::PREFIX,
+            "limits, /chat sessions and the response cache are shared through Redis"
+        );
         Ok(Some(r))
     }
 
