@@ -93,22 +93,41 @@ for i = 1, n do
       return {0, i, retry, 0}
     end
   elseif kind == 'S' then
-    local cur = floor(now / width)
-    local h = redis.call('HGETALL', key)
-    local live, dead, sum = {}, {}, 0
-    for j = 1, #h, 2 do
-      local idx, c = tonumber(h[j]), tonumber(h[j + 1])
-      if idx + slots > cur then
-        live[#live + 1] = {idx, c}
-        sum = sum + c
+    -- Fields: one per sub-window index, plus 's' (their sum) and 'lo' (no index below it
+    -- is present). Usually only the sub-windows that just left are read and removed.
+    local first = floor(now / width) - slots + 1
+    local meta = redis.call('HMGET', key, 's', 'lo')
+    local sum, lo = tonumber(meta[1] or '0'), tonumber(meta[2] or first)
+    if lo < first then
+      if first - lo > slots then
+        sum = 0
+        local h = redis.call('HGETALL', key)
+        for j = 1, #h, 2 do
+          local idx = tonumber(h[j])
+          if idx then
+            if idx >= first then sum = sum + tonumber(h[j + 1]) else redis.call('HDEL', key, h[j]) end
+          end
+        end
       else
-        dead[#dead + 1] = h[j]
+        for idx = lo, first - 1 do
+          local v = redis.call('HGET', key, idx)
+          if v then
+            sum = sum - tonumber(v)
+            redis.call('HDEL', key, idx)
+          end
+        end
       end
+      redis.call('HSET', key, 's', sum, 'lo', first)
     end
-    if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
     if sum + amount > limit then
       local retry = width * slots
       if amount <= limit then
+        local live = {}
+        local h = redis.call('HGETALL', key)
+        for j = 1, #h, 2 do
+          local idx = tonumber(h[j])
+          if idx then live[#live + 1] = {idx, tonumber(h[j + 1])} end
+        end
         table.sort(live, function(a, b) return a[1] < b[1] end)
         local freed = 0
         for _, s in ipairs(live) do
@@ -136,6 +155,8 @@ for i = 1, n do
     redis.call('PEXPIRE', key, width + 1000)
   elseif kind == 'S' then
     redis.call('HINCRBY', key, floor(now / width), arg(i, 5))
+    redis.call('HINCRBY', key, 's', arg(i, 5))
+    redis.call('HSETNX', key, 'lo', floor(now / width) - slots + 1)
     redis.call('PEXPIRE', key, width * slots + 1000)
   elseif kind == 'B' then
     local k = key .. ':' .. month
@@ -159,6 +180,7 @@ for i = 1, nt do
     local d = dt
     if tonumber(v) + d < 0 then d = -tonumber(v) end
     redis.call('HINCRBY', KEYS[i], slot, d)
+    redis.call('HINCRBY', KEYS[i], 's', d)
   end
 end
 if #KEYS > nt and ARGV[5] ~= '0' then
@@ -911,6 +933,50 @@ mod tests {
             .await
             .unwrap();
         assert!(ttl > 0 && ttl <= 61_000, "keys expire: {ttl}");
+    }
+
+    #[tokio::test]
+    async fn token_slots_free_as_they_leave_the_window() {
+        // A "minute" of 600 ms: 1-slot = 10 ms, 61 slots.
+        let r = redis().await.with_minute_ms(600);
+        let rl = RateLimitConfig {
+            tokens_per_minute: Some(100),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let first = r
+            .admit(&req(&rl, 60), FailureMode::Closed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r.admit(&req(&rl, 50), FailureMode::Closed).await.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        r.admit(&req(&rl, 40), FailureMode::Closed).await.unwrap();
+        assert!(r.admit(&req(&rl, 1), FailureMode::Closed).await.is_err());
+        // Once the first request's slot has left the window, its 60 tokens are free.
+        let left = Duration::from_millis(620).saturating_sub(t0.elapsed());
+        tokio::time::sleep(left).await;
+        r.admit(&req(&rl, 50), FailureMode::Closed).await.unwrap();
+        // Settling a reservation whose slot has left changes nothing.
+        r.settle(first, 0, 0).await;
+        assert!(r.admit(&req(&rl, 11), FailureMode::Closed).await.is_err());
+        // After a long idle time everything is free again.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        r.admit(&req(&rl, 100), FailureMode::Closed).await.unwrap();
+        // The running sum matches the sub-windows.
+        let mut conn = r.conn.clone();
+        let h: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(r.tenant_key("ns/t", "tpm"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let slots: i64 = h
+            .iter()
+            .filter(|(k, _)| k.parse::<u64>().is_ok())
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(h["s"], slots, "{h:?}");
+        assert_eq!(slots, 100, "{h:?}");
     }
 
     #[tokio::test]
