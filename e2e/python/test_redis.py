@@ -207,3 +207,21 @@ def test_the_redis_url_and_its_password_are_never_logged(start_mock, start_gatew
     time.sleep(0.2)
     assert "pw-s3cret" not in gw.proc.stderr() + r.text + gw.metrics()
     assert '"redis is unreachable or failing"' in gw.proc.stderr()
+
+
+def test_check_validates_the_redis_url_without_connecting_or_echoing_it(binaries, tmp_path):
+    from conftest import GATEWAY_BIN
+    import json
+    cfg = tmp_path / "c.yaml"
+    doc = config_doc([model("gpt-4o", [{"name": "p", "provider": "openai", "baseUrl": "http://127.0.0.1:1/v1"}])],
+                     redis={"url": {"value": "http://:pw-s3cret@127.0.0.1:1"}})
+    cfg.write_text(json.dumps(doc))
+    r = subprocess.run([GATEWAY_BIN, "check", "--config", str(cfg)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "redis.url must start with redis:// or rediss://" in r.stderr, r.stderr
+    assert "pw-s3cret" not in r.stderr + r.stdout
+    # A valid URL of a server that is not there: valid (check does not connect).
+    doc["redis"] = {"url": {"value": f"rediss://:pw-s3cret@127.0.0.1:{free_port()}/0"}}
+    cfg.write_text(json.dumps(doc))
+    r = subprocess.run([GATEWAY_BIN, "check", "--config", str(cfg)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert "pw-s3cret" not in r.stderr + r.stdout
