@@ -243,3 +243,30 @@ def test_rendered_deployment_is_restricted(rendered_samples):
     assert "replicas" not in deployment["spec"], "an HPA owns replicas"
     config_mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
     assert config_mount["mountPath"] == "/etc/parley" and "subPath" not in config_mount
+
+
+def test_rendered_kong_example_passes_kubernetes_validate(operator_bin, tmp_path):
+    """config/examples/kong-chatbot.yaml: the Ingress and the workload pass the official
+    schemas (the Kong kinds have no official schema; their shape is checked here)."""
+    result = subprocess.run(
+        [operator_bin, "render", "-f", REPO / "config/examples/kong-chatbot.yaml"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    core = [d for d in docs if d["apiVersion"] != "configuration.konghq.com/v1"]
+    assert "Ingress" in [d["kind"] for d in core]
+    path = tmp_path / "kong.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    validated = kubernetes_validate(path)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert validated.stdout.count("passed") == len(core), validated.stdout
+    plugins = {d["metadata"]["name"]: d for d in docs if d["kind"] == "KongPlugin"}
+    assert set(plugins) == {"edge-rate-limiting", "edge-key-auth"}
+    for plugin in plugins.values():
+        assert "spec" not in plugin and set(plugin) == {"apiVersion", "kind", "metadata", "plugin", "config"}
+    assert plugins["edge-rate-limiting"]["config"]["redis"] == {"host": "kong-redis", "port": 6379, "timeout": 2000}
+    consumers = [d for d in docs if d["kind"] == "KongConsumer"]
+    assert [c["username"] for c in consumers] == ["default-hooli", "default-initech"]
+    assert "Secret" not in [d["kind"] for d in docs]

@@ -260,10 +260,23 @@ fn render_files(files: &[PathBuf], gateway_image: &str) -> anyhow::Result<ExitCo
                 chatbot.name_any(),
                 rendered.config_hash
             )?;
-            writeln!(
-                out,
-                "# Objects carrying secret values are not printed: none for this Chatbot."
-            )?;
+            let hidden: Vec<String> = rendered
+                .kong_credentials
+                .iter()
+                .map(|c| format!("Secret/{namespace}/{}", c.name))
+                .collect();
+            if hidden.is_empty() {
+                writeln!(
+                    out,
+                    "# Objects carrying secret values are not printed: none for this Chatbot."
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "# Objects carrying secret values are not printed: {} (Kong credentials, copies of Tenant keys, written by the controller).",
+                    hidden.join(", ")
+                )?;
+            }
             write!(out, "{}", rendered.to_yaml()?)?;
         }
     }

@@ -211,3 +211,58 @@ fn render_command_prints_the_samples() {
         6
     );
 }
+
+#[test]
+fn render_command_names_kong_credentials_and_never_prints_a_value() {
+    let example = repo().join("config/examples/kong-chatbot.yaml");
+    let output = Command::new(env!("CARGO_BIN_EXE_parley-operator"))
+        .args(["render", "-f"])
+        .arg(&example)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains(
+            "# Objects carrying secret values are not printed: Secret/default/hooli-kong-key, Secret/default/initech-kong-key"
+        ),
+        "{stdout}"
+    );
+    let kinds: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "Ingress",
+            "KongPlugin",
+            "KongPlugin",
+            "KongConsumer",
+            "KongConsumer"
+        ]
+    );
+    // The example's Secret values (stringData) never reach the output.
+    let text = std::fs::read_to_string(&example).unwrap();
+    let values: Vec<&str> = text
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("key: ")
+                .or(l.trim().strip_prefix("api-key: "))
+        })
+        .collect();
+    assert_eq!(values.len(), 2, "{values:?}");
+    for value in values {
+        assert!(!stdout.contains(value), "{value} printed");
+    }
+    assert!(!stdout.contains("kind: Secret"));
+}

@@ -5,6 +5,7 @@
 //! Output is deterministic: the same input gives byte-identical YAML, in a stable order.
 
 mod config;
+pub mod kong;
 mod problems;
 mod workload;
 
@@ -13,12 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 use parley_crds::{Chatbot, ModelRoute, Tenant};
 use serde::Serialize;
 
+pub use kong::{KongConsumer, KongCredential, KongPlugin};
 pub use problems::{Problem, Severity};
 
 /// Where the gateway pods find the ConfigMap.
@@ -70,6 +73,16 @@ pub struct Rendered {
     pub autoscaler: Option<HorizontalPodAutoscaler>,
     /// PodDisruptionBudget, when two or more replicas can run.
     pub disruption_budget: Option<PodDisruptionBudget>,
+    /// Ingress `<cb>-gateway` for Kong, when `spec.kong` is set.
+    pub ingress: Option<Ingress>,
+    /// KongPlugins `<cb>-rate-limiting` and `<cb>-key-auth`, those that `spec.kong` asks for.
+    pub kong_plugins: Vec<KongPlugin>,
+    /// One KongConsumer `<namespace>-<tenant>` per selected Tenant (`keyAuth` only),
+    /// owned by the Tenant.
+    pub kong_consumers: Vec<KongConsumer>,
+    /// The credential Secrets of the KongConsumers. They carry a copy of a Tenant key, so
+    /// render only names them; the controller writes them. Not in [`Rendered::objects`].
+    pub kong_credentials: Vec<KongCredential>,
     /// SHA-256 (hex) of the GatewayConfig text.
     pub config_hash: String,
     /// Names of the selected models, sorted.
@@ -100,6 +113,15 @@ impl Rendered {
         }
         if let Some(pdb) = &self.disruption_budget {
             push(&mut out, pdb)?;
+        }
+        if let Some(ingress) = &self.ingress {
+            push(&mut out, ingress)?;
+        }
+        for plugin in &self.kong_plugins {
+            push(&mut out, plugin)?;
+        }
+        for consumer in &self.kong_consumers {
+            push(&mut out, consumer)?;
         }
         Ok(out)
     }
@@ -178,6 +200,7 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
 
     let config_hash = config::hash(&config_text);
     let objects = workload::Workload::new(input, &routes, &tenants, &gateway_config);
+    let kong = kong::render(chatbot, &tenants, objects.labels());
     Ok(Rendered {
         service_account: objects.service_account(),
         config_map: objects.config_map(config_text),
@@ -185,6 +208,10 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
         service: objects.service(),
         autoscaler: objects.autoscaler(),
         disruption_budget: objects.disruption_budget(),
+        ingress: kong.ingress,
+        kong_plugins: kong.plugins,
+        kong_consumers: kong.consumers,
+        kong_credentials: kong.credentials,
         config_hash,
         models: gateway_config
             .models

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use kube::ResourceExt;
+use parley_crds::chatbot::{KongLimitBy, KongPolicy};
 use parley_crds::common::SecretKeyRef;
 use parley_crds::gateway_config::fallback_cycle;
 use parley_crds::money::parse_usd_micros;
@@ -172,12 +173,41 @@ pub(super) fn check(
         );
     }
 
-    if spec.kong.is_some() {
-        problems.push(Problem::warning(
-            cb.clone(),
-            "spec.kong",
-            "this operator version does not render Kong objects yet; the gateway Service is rendered without an Ingress",
-        ));
+    if let Some(kong) = &spec.kong {
+        let key_auth = kong.key_auth.unwrap_or(false);
+        if let Some(limit) = &kong.rate_limit {
+            if limit.limit_by == Some(KongLimitBy::Consumer) && !key_auth {
+                problems.push(Problem::warning(
+                    cb.clone(),
+                    "spec.kong.rateLimit.limitBy",
+                    "consumer needs spec.kong.keyAuth: true; without an authenticated consumer Kong counts by client IP",
+                ));
+            }
+            if limit.policy == Some(KongPolicy::Redis) && limit.redis.is_none() {
+                problems.push(Problem::error(
+                    cb.clone(),
+                    "spec.kong.rateLimit.redis",
+                    "policy redis needs spec.kong.rateLimit.redis.host",
+                ));
+            }
+            if [limit.second, limit.minute, limit.hour, limit.day]
+                .iter()
+                .all(Option::is_none)
+            {
+                problems.push(Problem::error(
+                    cb.clone(),
+                    "spec.kong.rateLimit",
+                    "sets no limit; set at least one of second, minute, hour, day",
+                ));
+            }
+        }
+        if key_auth && tenants.is_empty() {
+            problems.push(Problem::warning(
+                cb.clone(),
+                "spec.kong.keyAuth",
+                "no Tenant is selected, so no KongConsumer is rendered: Kong will refuse every request with 401",
+            ));
+        }
     }
 
     for tenant in tenants {

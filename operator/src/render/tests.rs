@@ -333,13 +333,304 @@ fn an_oversized_config_is_refused() {
     assert_one_error(&problems, "Chatbot/ns/bot", "spec", "ConfigTooLarge");
 }
 
+// --- Kong (spec.kong) ---
+
+fn kong_bot(name: &str, kong: &str) -> Chatbot {
+    chatbot(name, &format!("  kong:\n{kong}"))
+}
+
+fn plugin<'a>(rendered: &'a Rendered, name: &str) -> &'a KongPlugin {
+    rendered
+        .kong_plugins
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no KongPlugin {name} in {:?}", rendered.kong_plugins))
+}
+
 #[test]
-fn kong_is_reported_as_not_rendered_yet() {
-    let cb = chatbot("bot", "  kong: {host: chat.example.com}\n");
+fn without_kong_nothing_kong_is_rendered() {
+    let rendered = run(&chatbot("bot", ""), &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    assert!(rendered.ingress.is_none());
+    assert!(rendered.kong_plugins.is_empty());
+    assert!(rendered.kong_consumers.is_empty());
+    assert!(rendered.kong_credentials.is_empty());
+    assert!(!rendered.to_yaml().unwrap().contains("konghq"));
+}
+
+#[test]
+fn kong_ingress_points_at_the_service_with_the_plugins() {
+    let cb = kong_bot(
+        "bot",
+        "    host: chat.example.com\n    tlsSecretName: chat-tls\n    rateLimit: {minute: 60}\n    keyAuth: true\n",
+    );
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    let ingress = rendered.ingress.clone().unwrap();
+    assert_eq!(ingress.metadata.name.as_deref(), Some("bot-gateway"));
+    assert_eq!(
+        ingress.metadata.annotations.unwrap()["konghq.com/plugins"],
+        "bot-rate-limiting,bot-key-auth"
+    );
+    assert_eq!(
+        ingress.metadata.labels.unwrap()["app.kubernetes.io/managed-by"],
+        MANAGER
+    );
+    let spec = ingress.spec.unwrap();
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("kong"));
+    let tls = &spec.tls.unwrap()[0];
+    assert_eq!(tls.secret_name.as_deref(), Some("chat-tls"));
+    assert_eq!(
+        tls.hosts.as_deref(),
+        Some(&["chat.example.com".to_string()][..])
+    );
+    let rule = &spec.rules.unwrap()[0];
+    assert_eq!(rule.host.as_deref(), Some("chat.example.com"));
+    let backend = rule.http.as_ref().unwrap().paths[0]
+        .backend
+        .service
+        .clone()
+        .unwrap();
+    assert_eq!(backend.name, "bot-gateway");
+    assert_eq!(backend.port.unwrap().number, Some(80));
+    // Stable order: workload, then Ingress, plugins, consumers.
+    let kinds: Vec<String> = rendered
+        .objects()
+        .unwrap()
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "Ingress",
+            "KongPlugin",
+            "KongPlugin",
+            "KongConsumer"
+        ]
+    );
+}
+
+#[test]
+fn kong_without_plugins_has_no_plugins_annotation() {
+    let cb = kong_bot(
+        "bot",
+        "    host: chat.example.com\n    ingressClassName: edge\n",
+    );
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    let ingress = rendered.ingress.unwrap();
+    assert!(ingress.metadata.annotations.is_none());
+    let spec = ingress.spec.unwrap();
+    assert_eq!(spec.ingress_class_name.as_deref(), Some("edge"));
+    assert!(spec.tls.is_none());
+    assert!(rendered.kong_plugins.is_empty());
+    assert!(
+        rendered.kong_consumers.is_empty(),
+        "no keyAuth: no consumers"
+    );
+}
+
+#[test]
+fn rate_limiting_plugin_is_kong_3_with_top_level_config() {
+    let cb = kong_bot(
+        "bot",
+        "    host: h.example.com\n    rateLimit: {second: 5, minute: 60, hour: 1000, day: 10000}\n",
+    );
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    let value = serde_json::to_value(plugin(&rendered, "bot-rate-limiting")).unwrap();
+    assert_eq!(value["apiVersion"], "configuration.konghq.com/v1");
+    assert_eq!(value["kind"], "KongPlugin");
+    assert_eq!(value["plugin"], "rate-limiting");
+    assert!(
+        value.get("spec").is_none(),
+        "KongPlugin has no spec: {value}"
+    );
+    let config = &value["config"];
+    assert_eq!(config["second"], 5);
+    assert_eq!(config["minute"], 60);
+    assert_eq!(config["hour"], 1000);
+    assert_eq!(config["day"], 10000);
+    assert_eq!(
+        config["limit_by"], "header",
+        "default: one API key = one bucket"
+    );
+    assert_eq!(config["header_name"], "Authorization");
+    assert_eq!(config["policy"], "local");
+    assert_eq!(config["fault_tolerant"], true);
+    assert_eq!(config["hide_client_headers"], false);
+    assert_eq!(config["sync_rate"], -1);
+    assert!(config.get("redis").is_none());
+    assert!(
+        !config
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("redis_")),
+        "{config}"
+    );
+    assert!(rendered.kong_plugins.iter().all(|p| p.plugin != "key-auth"));
+}
+
+#[test]
+fn header_name_only_when_limiting_by_header_and_redis_is_nested() {
+    let cb = kong_bot(
+        "bot",
+        "    host: h.example.com\n    rateLimit: {minute: 60, limitBy: ip, policy: redis, redis: {host: kong-redis, timeout: 500}}\n",
+    );
+    let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
+    let config = &plugin(&rendered, "bot-rate-limiting").config;
+    assert_eq!(config["limit_by"], "ip");
+    assert!(config.get("header_name").is_none(), "{config}");
+    assert_eq!(config["policy"], "redis");
+    assert_eq!(
+        config["redis"],
+        serde_json::json!({"host": "kong-redis", "port": 6379, "timeout": 500})
+    );
+    assert!(
+        !config
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("redis_")),
+        "never the deprecated flat redis_* fields: {config}"
+    );
+}
+
+#[test]
+fn redis_policy_without_redis_is_an_error() {
+    let cb = kong_bot(
+        "bot",
+        "    host: h.example.com\n    rateLimit: {minute: 60, policy: redis}\n",
+    );
+    let problems = errors(run(&cb, &[route("a", &[])], &[tenant("t", "")]));
+    assert_one_error(
+        &problems,
+        "Chatbot/ns/bot",
+        "spec.kong.rateLimit.redis",
+        "redis",
+    );
+}
+
+#[test]
+fn key_auth_renders_a_plugin_and_one_consumer_per_tenant_owned_by_it() {
+    let cb = kong_bot(
+        "bot",
+        "    host: h.example.com\n    ingressClassName: edge\n    keyAuth: true\n",
+    );
+    let mut own = tenant(
+        "acme",
+        "apiKeys: [{secretRef: {name: llm, key: k}}, {secretRef: {name: redis, key: url}}]",
+    );
+    own.metadata.uid = Some("tenant-uid".into());
+    let tenants = [tenant("globex", ""), own];
+    let rendered = run(&cb, &[route("a", &[])], &tenants).unwrap();
+    let key_auth = plugin(&rendered, "bot-key-auth");
+    assert_eq!(key_auth.plugin, "key-auth");
+    assert_eq!(
+        key_auth.config,
+        serde_json::json!({"key_names": ["apikey", "x-api-key"], "hide_credentials": false})
+    );
+    let names: Vec<_> = rendered
+        .kong_consumers
+        .iter()
+        .map(|c| (c.metadata.name.clone().unwrap(), c.username.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("ns-acme".to_string(), "ns-acme".to_string()),
+            ("ns-globex".to_string(), "ns-globex".to_string())
+        ]
+    );
+    let acme = &rendered.kong_consumers[0];
+    assert_eq!(acme.credentials, ["acme-kong-key", "acme-kong-key-1"]);
+    assert_eq!(
+        acme.metadata.annotations.as_ref().unwrap()["kubernetes.io/ingress.class"],
+        "edge"
+    );
+    let owner = &acme.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Tenant", "tenant-uid")
+    );
+    // Credentials: names and sources only, the generated key for a Tenant without keys.
+    let creds: Vec<_> = rendered
+        .kong_credentials
+        .iter()
+        .map(|c| {
+            (
+                c.name.as_str(),
+                c.source.name.as_str(),
+                c.source.key.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        creds,
+        [
+            ("acme-kong-key", "llm", "k"),
+            ("acme-kong-key-1", "redis", "url"),
+            ("globex-kong-key", "globex-api-key", "api-key"),
+        ]
+    );
+    assert!(
+        rendered
+            .kong_credentials
+            .iter()
+            .all(|c| c.labels["konghq.com/credential"] == "key-auth")
+    );
+    // Credential Secrets are never among the printed objects.
+    assert!(!rendered.to_yaml().unwrap().contains("kind: Secret"));
+}
+
+#[test]
+fn kong_names_are_bounded() {
+    let long = "b".repeat(60);
+    let cb = kong_bot(
+        &long,
+        "    host: h.example.com\n    rateLimit: {minute: 1}\n    keyAuth: true\n",
+    );
+    let t = "t".repeat(60);
+    let rendered = run(&cb, &[route("a", &[])], &[tenant(&t, "")]).unwrap();
+    let mut all: Vec<String> = rendered
+        .kong_plugins
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    all.extend(rendered.kong_consumers.iter().map(|c| c.username.clone()));
+    all.extend(rendered.kong_credentials.iter().map(|c| c.name.clone()));
+    all.push(rendered.ingress.unwrap().metadata.name.unwrap());
+    assert_eq!(all.len(), 5);
+    for name in &all {
+        assert!(name.len() <= 63, "{name}");
+    }
+    assert_eq!(
+        rendered.kong_consumers[0].username,
+        parley_crds::names::bounded_name(&format!("ns-{t}"))
+    );
+}
+
+#[test]
+fn limit_by_consumer_without_key_auth_is_a_warning() {
+    let cb = kong_bot(
+        "bot",
+        "    host: h.example.com\n    rateLimit: {minute: 60, limitBy: consumer}\n",
+    );
     let rendered = run(&cb, &[route("a", &[])], &[tenant("t", "")]).unwrap();
     assert!(
-        rendered.warnings.iter().any(|w| w.field == "spec.kong"),
+        rendered
+            .warnings
+            .iter()
+            .any(|w| w.field == "spec.kong.rateLimit.limitBy"),
         "{:?}",
         rendered.warnings
+    );
+    assert!(
+        !rendered
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("does not render Kong"))
     );
 }

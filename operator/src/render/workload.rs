@@ -106,6 +106,11 @@ impl<'a> Workload<'a> {
         }
     }
 
+    /// The labels of every child.
+    pub(super) fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+
     fn max_replicas(&self) -> i32 {
         self.chatbot.spec.max_replicas()
     }
