@@ -370,8 +370,10 @@ impl Redis {
                     unit: "requests",
                 }
             } else {
+                // Its own key: a limit moved across EXACT_LOG_MAX by a reload must not
+                // meet a sorted set where it expects a hash.
                 Check {
-                    key,
+                    key: format!("{key}:slots"),
                     kind: "S",
                     limit: n,
                     width_ms: second,
@@ -977,6 +979,25 @@ mod tests {
             .sum();
         assert_eq!(h["s"], slots, "{h:?}");
         assert_eq!(slots, 100, "{h:?}");
+    }
+
+    #[tokio::test]
+    async fn a_limit_moved_across_the_exact_log_bound_keeps_working() {
+        let r = redis().await;
+        for n in [5, 20_000, 5] {
+            let rl = RateLimitConfig {
+                requests_per_minute: Some(n),
+                ..Default::default()
+            };
+            r.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+        }
+        assert_eq!(
+            r.metrics
+                .redis_errors
+                .get_or_create(&OpLabel { op: "admit" })
+                .get(),
+            0
+        );
     }
 
     #[tokio::test]
