@@ -143,7 +143,7 @@ def test_cache_hit_across_gateways(start_mock, start_gateway, shared_redis):
     r2 = _wait_for(lambda: (r := b.post("/v1/chat/completions", body)).headers["x-parley-cache"] == "hit" and r,
                    5, "a cache hit on the other gateway")
     assert r2.json() == r1.json()
-    assert r2.headers["x-parley-model"] == "gpt-4o"
+    assert r2.headers["x-parley-model"] == "gpt-4o" and r2.headers["x-parley-backend"] == "primary"
     assert mock.requests() == 1
     from conftest import OTHER_KEY
     assert b.post("/v1/chat/completions", body, key=OTHER_KEY).headers["x-parley-cache"] == "miss"

@@ -583,20 +583,22 @@ async fn serve_api(
         .then(|| cache::key(&tenant.id, format, &model.name, &req.body));
     if let Some(key) = &cache_key {
         let hit = match &rt.redis {
-            Some(redis) => redis
-                .cache_get(&tenant.id, key)
-                .await
-                .map(|e| cache::Entry {
-                    model: rt
-                        .models
-                        .get(&e.model)
+            Some(redis) => redis.cache_get(&tenant.id, key).await.map(|e| {
+                // Labels only ever carry names from this config.
+                let served = rt.models.get(&e.model);
+                let backend = served
+                    .and_then(|m| m.backends.iter().find(|b| *b.name == e.backend))
+                    .map(|b| Arc::clone(&b.name));
+                cache::Entry {
+                    model: served
                         .map(|m| Arc::clone(&m.name))
                         .unwrap_or_else(|| label("unknown")),
-                    backend: label(&e.backend),
+                    backend: backend.unwrap_or_else(|| label("unknown")),
                     usage: e.usage,
                     body: e.body,
                     expires: Instant::now(),
-                }),
+                }
+            }),
             None => state.cache.get(key),
         };
         if let Some(hit) = hit {
