@@ -734,14 +734,24 @@ fn rbac_yaml_names_every_kind_the_operator_touches() {
     ] {
         need(g, r, &["get", "list", "watch", "create", "patch", "delete"]);
     }
-    need("", "secrets", &["get", "list", "watch", "create"]);
+    need(
+        "",
+        "secrets",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    );
     let secrets = &granted[&(String::new(), "secrets".to_string())];
     assert!(
-        !secrets
-            .iter()
-            .any(|v| v == "update" || v == "patch" || v == "delete"),
-        "the operator never rewrites a Secret"
+        !secrets.iter().any(|v| v == "update"),
+        "Secrets are only created, or applied (Kong credentials): never updated"
     );
+    need(
+        "networking.k8s.io",
+        "ingresses",
+        &["get", "list", "watch", "create", "patch", "delete"],
+    );
+    for r in ["kongplugins", "kongconsumers"] {
+        need("configuration.konghq.com", r, &["list", "patch", "delete"]);
+    }
     for r in ["chatbots", "tenants", "modelroutes"] {
         need("parley.dev", r, &["get", "list", "watch"]);
         need("parley.dev", &format!("{r}/status"), &["patch"]);

@@ -10,6 +10,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -24,6 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::conditions::{self, Desired, MAX_MESSAGE_BYTES};
+use super::kong::{self, KongOutcome};
 use super::{
     Context, Error, drain, kube_err, measured, object_key, retry_later, same_namespace, scoped_api,
     secret_keys,
@@ -82,7 +84,11 @@ pub async fn controller(
             scoped_api::<HorizontalPodAutoscaler>(&client, ns),
             owned.clone(),
         )
-        .owns(scoped_api::<PodDisruptionBudget>(&client, ns), owned)
+        .owns(
+            scoped_api::<PodDisruptionBudget>(&client, ns),
+            owned.clone(),
+        )
+        .owns(scoped_api::<Ingress>(&client, ns), owned)
         .watches(
             scoped_api::<ModelRoute>(&client, ns),
             watcher::Config::default(),
@@ -146,8 +152,9 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
             Ok(Action::requeue(RESYNC))
         }
         Ok(rendered) => {
-            let ready_replicas = match apply_all(chatbot, ctx, &ns, &rendered).await {
-                Ok(ready) => ready,
+            let (ready_replicas, kong_outcome) = match apply_all(chatbot, ctx, &ns, &rendered).await
+            {
+                Ok(done) => done,
                 Err(e) => {
                     let desired = Desired::ready(
                         false,
@@ -162,8 +169,8 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
                     return Err(e);
                 }
             };
-            prune(chatbot, ctx, &ns, &rendered).await?;
-            applied(chatbot, ctx, &rendered, ready_replicas).await?;
+            prune(chatbot, ctx, &ns, &rendered, &kong_outcome).await?;
+            applied(chatbot, ctx, &rendered, ready_replicas, &kong_outcome).await?;
             Ok(Action::requeue(RESYNC))
         }
     }
@@ -186,6 +193,12 @@ fn status_with(
         chatbot.meta().generation,
         Timestamp::now(),
     );
+    if chatbot.spec.kong.is_none() {
+        status
+            .common
+            .conditions
+            .retain(|c| c.type_ != kong::KONG_READY);
+    }
     match rendered {
         Some(rendered) => {
             status.models = u32::try_from(rendered.models.len()).ok();
@@ -250,6 +263,7 @@ async fn applied(
     ctx: &Context,
     rendered: &Rendered,
     ready_replicas: Option<i32>,
+    kong_outcome: &KongOutcome,
 ) -> Result<(), Error> {
     let message = format!(
         "{} model(s), {} tenant(s), config {}",
@@ -257,9 +271,16 @@ async fn applied(
         rendered.tenants.len(),
         rendered.config_hash.get(..12).unwrap_or_default()
     );
-    let desired = Desired::ready(true, reason::RENDERED, message.clone());
-    let status = status_with(chatbot, &[desired], Some(rendered), ready_replicas);
+    let mut desired = vec![Desired::ready(true, reason::RENDERED, message.clone())];
+    let kong_condition = kong::condition(kong_outcome);
+    desired.extend(kong_condition.clone());
+    let status = status_with(chatbot, &desired, Some(rendered), ready_replicas);
     let previous = chatbot.status.clone().unwrap_or_default();
+    let kong_was_unavailable = previous
+        .common
+        .conditions
+        .iter()
+        .any(|c| c.type_ == kong::KONG_READY && c.reason == kong::KONG_UNAVAILABLE);
     let was_ready = conditions::ready(&previous.common.conditions)
         .is_some_and(|c| c.status == "True" && c.reason == reason::RENDERED);
     let new_generation = previous.common.observed_generation != chatbot.meta().generation;
@@ -279,6 +300,20 @@ async fn applied(
             )
             .await;
         }
+    }
+    if let Some(condition) = kong_condition
+        && condition.reason == kong::KONG_UNAVAILABLE
+        && (!kong_was_unavailable || new_generation)
+    {
+        publish(
+            ctx,
+            chatbot,
+            EventType::Warning,
+            kong::KONG_UNAVAILABLE,
+            "Apply",
+            condition.message,
+        )
+        .await;
     }
     if !was_ready {
         publish(
@@ -315,13 +350,14 @@ pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     }
 }
 
-/// Server-side applies every rendered object; returns the Deployment's ready replicas.
+/// Server-side applies every rendered object; returns the Deployment's ready replicas
+/// and what happened to the Kong objects.
 async fn apply_all(
     chatbot: &Chatbot,
     ctx: &Context,
     ns: &str,
     rendered: &Rendered,
-) -> Result<Option<i32>, Error> {
+) -> Result<(Option<i32>, KongOutcome), Error> {
     let client = &ctx.client;
     apply(client, ns, &rendered.service_account).await?;
     apply(client, ns, &rendered.config_map).await?;
@@ -334,11 +370,16 @@ async fn apply_all(
     if let Some(pdb) = &rendered.disruption_budget {
         apply(client, ns, pdb).await?;
     }
+    if let Some(ingress) = &rendered.ingress {
+        apply(client, ns, ingress).await?;
+    }
+    let kong_outcome = kong::apply(client, ns, chatbot, rendered).await?;
     tracing::debug!(chatbot = %object_key(chatbot), "applied");
-    Ok(deployment
+    let ready = deployment
         .status
         .as_ref()
-        .map(|s| s.ready_replicas.unwrap_or(0)))
+        .map(|s| s.ready_replicas.unwrap_or(0));
+    Ok((ready, kong_outcome))
 }
 
 /// Server-side apply with field manager `parley-operator`, forcing ownership.
@@ -434,6 +475,7 @@ async fn prune(
     ctx: &Context,
     ns: &str,
     rendered: &Rendered,
+    kong_outcome: &KongOutcome,
 ) -> Result<(), Error> {
     let selector = children_selector(&chatbot.name_any());
     let uid = chatbot.uid();
@@ -465,6 +507,15 @@ async fn prune(
         names(rendered.disruption_budget.as_ref()),
     )
     .await?;
+    prune_kind::<Ingress>(
+        client,
+        ns,
+        &selector,
+        &uid,
+        names(rendered.ingress.as_ref()),
+    )
+    .await?;
+    kong::prune(client, ns, chatbot, rendered, &selector, kong_outcome).await?;
     Ok(())
 }
 

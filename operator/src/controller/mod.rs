@@ -15,6 +15,7 @@
 
 pub mod chatbot;
 pub mod conditions;
+pub mod kong;
 pub mod leader;
 pub mod metrics;
 pub mod model_route;

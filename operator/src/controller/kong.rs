@@ -1,0 +1,294 @@
+//! Applying and pruning the Kong objects of a Chatbot, and the credential Secrets of its
+//! KongConsumers: the one place the operator copies a secret value (a Tenant key into a
+//! `konghq.com/credential: key-auth` Secret, kept in step on every reconcile — a Tenant key
+//! Secret change triggers one through the metadata-only Secret watch).
+//!
+//! KongPlugin and KongConsumer are applied as `DynamicObject`s. When their CRDs are not
+//! installed (404 on `configuration.konghq.com`), the Chatbot gets condition
+//! `KongReady=False, reason KongUnavailable` and a Warning Event; everything else is still
+//! applied and `Ready` is unaffected.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use parley_crds::Chatbot;
+use serde::Serialize;
+
+use super::{Error, kube_err};
+use crate::render::kong::CREDENTIAL_KEY;
+use crate::render::{KongConsumer, KongPlugin, MANAGER, Rendered};
+
+/// Condition type of the Kong layer (present only while `spec.kong` is set).
+pub const KONG_READY: &str = "KongReady";
+/// Reason: the Kong CRDs are not installed.
+pub const KONG_UNAVAILABLE: &str = "KongUnavailable";
+/// Reason: the Kong objects were applied.
+pub const KONG_APPLIED: &str = "Applied";
+
+/// What happened to the Kong objects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KongOutcome {
+    /// `spec.kong` is absent.
+    NotRequested,
+    /// Applied: plugins, consumers, credentials.
+    Applied,
+    /// The Kong CRDs are missing; why.
+    Unavailable(String),
+}
+
+fn is_missing_kind(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+async fn apply_dynamic<T: Serialize + std::fmt::Debug>(
+    client: &kube::Client,
+    ns: &str,
+    resource: &ApiResource,
+    name: &str,
+    object: &T,
+) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    api.patch(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Applies the KongPlugins, KongConsumers and credential Secrets of `rendered`.
+pub(super) async fn apply(
+    client: &kube::Client,
+    ns: &str,
+    chatbot: &Chatbot,
+    rendered: &Rendered,
+) -> Result<KongOutcome, Error> {
+    if chatbot.spec.kong.is_none() {
+        return Ok(KongOutcome::NotRequested);
+    }
+    let plugins = KongPlugin::api_resource();
+    for plugin in &rendered.kong_plugins {
+        let name = plugin.metadata.name.clone().unwrap_or_default();
+        match apply_dynamic(client, ns, &plugins, &name, plugin).await {
+            Ok(()) => {}
+            Err(e) if is_missing_kind(&e) => {
+                return Ok(KongOutcome::Unavailable(format!(
+                    "the Kong CRDs are not installed (KongPlugin {ns}/{name}: {e}); install Kong's ingress controller. Everything else is applied"
+                )));
+            }
+            Err(e) => return Err(kube_err(format!("applying KongPlugin {ns}/{name}"))(e)),
+        }
+    }
+    copy_credentials(client, ns, rendered).await?;
+    let consumers = KongConsumer::api_resource();
+    for consumer in &rendered.kong_consumers {
+        let name = consumer.metadata.name.clone().unwrap_or_default();
+        match apply_dynamic(client, ns, &consumers, &name, consumer).await {
+            Ok(()) => {}
+            Err(e) if is_missing_kind(&e) => {
+                return Ok(KongOutcome::Unavailable(format!(
+                    "the Kong CRDs are not installed (KongConsumer {ns}/{name}: {e}); install Kong's ingress controller. Everything else is applied"
+                )));
+            }
+            Err(e) => return Err(kube_err(format!("applying KongConsumer {ns}/{name}"))(e)),
+        }
+    }
+    Ok(KongOutcome::Applied)
+}
+
+/// Writes each credential Secret as a copy of its Tenant key. A key Secret that does not
+/// exist yet (a generated key not created yet) is skipped: its creation triggers a new
+/// reconcile. The value is never logged.
+async fn copy_credentials(
+    client: &kube::Client,
+    ns: &str,
+    rendered: &Rendered,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for credential in &rendered.kong_credentials {
+        let source = &credential.source;
+        let Some(secret) = api
+            .get_opt(&source.name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{}", source.name)))?
+        else {
+            continue;
+        };
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&source.key))
+            .cloned()
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(&source.key))
+                    .map(|v| ByteString(v.clone().into_bytes()))
+            });
+        let Some(value) = value else {
+            continue;
+        };
+        let copy = Secret {
+            metadata: ObjectMeta {
+                name: Some(credential.name.clone()),
+                namespace: Some(ns.to_string()),
+                labels: Some(credential.labels.clone()),
+                owner_references: credential.owner.clone().map(|o| vec![o]),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(CREDENTIAL_KEY.to_string(), value)])),
+            ..Secret::default()
+        };
+        api.patch(
+            &credential.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&copy),
+        )
+        .await
+        .map_err(kube_err(format!(
+            "applying Secret {ns}/{}",
+            credential.name
+        )))?;
+    }
+    Ok(())
+}
+
+/// Deletes the Kong children of `chatbot` that `rendered` no longer contains: plugins
+/// owned by the Chatbot, consumers and credential Secrets owned by a Tenant.
+pub(super) async fn prune(
+    client: &kube::Client,
+    ns: &str,
+    chatbot: &Chatbot,
+    rendered: &Rendered,
+    selector: &str,
+    outcome: &KongOutcome,
+) -> Result<(), Error> {
+    let uid = chatbot.uid();
+    let by_chatbot = |o: &ObjectMeta| {
+        o.owner_references
+            .iter()
+            .flatten()
+            .any(|r| Some(&r.uid) == uid.as_ref())
+    };
+    let by_tenant = |o: &ObjectMeta| {
+        o.owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.kind == "Tenant" && r.api_version.starts_with("parley.dev/"))
+    };
+    if !matches!(outcome, KongOutcome::Unavailable(_)) {
+        let keep: BTreeSet<String> = rendered
+            .kong_plugins
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        prune_dynamic(
+            client,
+            ns,
+            &KongPlugin::api_resource(),
+            selector,
+            &keep,
+            by_chatbot,
+        )
+        .await?;
+        let keep: BTreeSet<String> = rendered
+            .kong_consumers
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        prune_dynamic(
+            client,
+            ns,
+            &KongConsumer::api_resource(),
+            selector,
+            &keep,
+            by_tenant,
+        )
+        .await?;
+    }
+    let keep: BTreeSet<String> = rendered
+        .kong_credentials
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let found = api
+        .list_metadata(
+            &ListParams::default().labels(&format!("{selector},konghq.com/credential=key-auth")),
+        )
+        .await
+        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
+    for secret in found.items {
+        let name = secret.name_any();
+        if keep.contains(&name) || !by_tenant(&secret.metadata) {
+            continue;
+        }
+        tracing::info!(object = %format!("Secret {ns}/{name}"), "deleting a Kong credential the spec no longer renders");
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("deleting Secret {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+async fn prune_dynamic(
+    client: &kube::Client,
+    ns: &str,
+    resource: &ApiResource,
+    selector: &str,
+    keep: &BTreeSet<String>,
+    ours: impl Fn(&ObjectMeta) -> bool,
+) -> Result<(), Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    let kind = &resource.kind;
+    let found = match api
+        .list_metadata(&ListParams::default().labels(selector))
+        .await
+    {
+        Ok(found) => found,
+        // No Kong CRDs: nothing of that kind can exist.
+        Err(e) if is_missing_kind(&e) => return Ok(()),
+        Err(e) => return Err(kube_err(format!("listing {kind}s in {ns}"))(e)),
+    };
+    for object in found.items {
+        let name = object.name_any();
+        if keep.contains(&name) || !ours(&object.metadata) {
+            continue;
+        }
+        tracing::info!(object = %format!("{kind} {ns}/{name}"), "deleting a child the spec no longer renders");
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("deleting {kind} {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Chatbot conditions of the Kong layer: KongReady, or none without `spec.kong`.
+pub(super) fn condition(outcome: &KongOutcome) -> Option<super::conditions::Desired> {
+    let (status, reason, message) = match outcome {
+        KongOutcome::NotRequested => return None,
+        KongOutcome::Applied => (
+            true,
+            KONG_APPLIED,
+            "Ingress, KongPlugins and KongConsumers applied".to_string(),
+        ),
+        KongOutcome::Unavailable(why) => (false, KONG_UNAVAILABLE, why.clone()),
+    };
+    Some(super::conditions::Desired {
+        type_: KONG_READY,
+        status,
+        reason,
+        message,
+    })
+}
