@@ -759,3 +759,254 @@ fn rbac_yaml_names_every_kind_the_operator_touches() {
     need("events.k8s.io", "events", &["create", "patch"]);
     need("coordination.k8s.io", "leases", &["get", "create", "patch"]);
 }
+
+/// Minimal stand-ins for Kong's CRDs (group configuration.konghq.com, schema-less), enough
+/// for the API server to store what the operator applies.
+const KONG_CRDS: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: kongplugins.configuration.konghq.com}
+spec:
+  group: configuration.konghq.com
+  scope: Namespaced
+  names: {kind: KongPlugin, plural: kongplugins, singular: kongplugin, listKind: KongPluginList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: kongconsumers.configuration.konghq.com}
+spec:
+  group: configuration.konghq.com
+  scope: Namespaced
+  names: {kind: KongConsumer, plural: kongconsumers, singular: kongconsumer, listKind: KongConsumerList}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+";
+
+fn kong_chatbot(kong: &str, annotation: &str) -> String {
+    format!(
+        "apiVersion: parley.dev/v1alpha1
+kind: Chatbot
+metadata: {{name: edge, annotations: {{e2e/touch: \"{annotation}\"}}}}
+spec:
+  tenantSelector: {{matchLabels: {{parley.dev/chatbot: support}}}}
+  defaultModel: gpt-4o
+{kong}"
+    )
+}
+
+const KONG_FULL: &str = "  kong:
+    host: chat.example.com
+    tlsSecretName: chat-tls
+    rateLimit: {minute: 60, limitBy: header}
+    keyAuth: true
+";
+const KONG_NO_AUTH: &str = "  kong:
+    host: chat.example.com
+    rateLimit: {minute: 60}
+";
+
+fn kong_condition(cb: &Chatbot) -> Option<(String, String)> {
+    cb.status
+        .as_ref()?
+        .common
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "KongReady")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+async fn kong_ready(api: &Api<Chatbot>, want: (&str, &str)) -> anyhow::Result<Chatbot> {
+    eventually(&format!("Chatbot edge KongReady={want:?}"), || async {
+        let cb = api.get("edge").await?;
+        let current = cb
+            .status
+            .as_ref()
+            .and_then(|s| s.common.observed_generation)
+            == cb.metadata.generation;
+        let kong = kong_condition(&cb);
+        if current
+            && ready_condition(&cb).is_some_and(|(s, _, _)| s == "True")
+            && kong
+                .as_ref()
+                .is_some_and(|(s, r)| s == want.0 && r == want.1)
+        {
+            return Ok(Some(cb));
+        }
+        // Reported on timeout.
+        Err(anyhow!(
+            "not yet: {:?}",
+            cb.status.as_ref().map(|s| &s.common.conditions)
+        ))
+    })
+    .await
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|v| v.0.clone())
+}
+
+#[tokio::test]
+async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> anyhow::Result<()> {
+    use k8s_openapi::api::networking::v1::Ingress;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::DynamicObject;
+    use parley_operator::render::{KongConsumer, KongPlugin};
+
+    with_cluster(|cluster, operator_client| async move {
+        let ns = cluster.namespace.clone();
+        let admin = cluster.client.clone();
+        let crds = Api::<CustomResourceDefinition>::all(admin.clone());
+        let kong_installed = crds
+            .get_opt("kongplugins.configuration.konghq.com")
+            .await?
+            .is_some();
+        let operator = Operator::start(operator_client, &ns);
+        apply_yaml(
+            &admin,
+            &ns,
+            &samples(&["00-secrets.yaml", "10-modelroutes.yaml", "20-tenants.yaml"]),
+        )
+        .await?;
+        let chatbots = Api::<Chatbot>::namespaced(admin.clone(), &ns);
+        let ingresses = Api::<Ingress>::namespaced(admin.clone(), &ns);
+        let secrets = Api::<Secret>::namespaced(admin.clone(), &ns);
+        apply_yaml(&admin, &ns, &kong_chatbot(KONG_FULL, "1")).await?;
+
+        if !kong_installed {
+            // No Kong CRDs: KongReady=False/KongUnavailable, a Warning Event, and
+            // everything else applied, the Ingress included. Ready stays True.
+            kong_ready(&chatbots, ("False", "KongUnavailable")).await?;
+            assert!(ingresses.get_opt("edge-gateway").await?.is_some());
+            for present in [
+                Api::<Deployment>::namespaced(admin.clone(), &ns)
+                    .get_opt("edge-gateway")
+                    .await?
+                    .is_some(),
+                Api::<Service>::namespaced(admin.clone(), &ns)
+                    .get_opt("edge-gateway")
+                    .await?
+                    .is_some(),
+                Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+                    .get_opt("edge-gateway")
+                    .await?
+                    .is_some(),
+            ] {
+                assert!(present, "the workload is applied without Kong");
+            }
+            let events = Api::<Event>::namespaced(admin.clone(), &ns);
+            eventually("a KongUnavailable Event", || async {
+                Ok(events.list(&ListParams::default()).await?.items.into_iter().find(|e| {
+                    e.reason.as_deref() == Some("KongUnavailable")
+                        && e.type_.as_deref() == Some("Warning")
+                }))
+            })
+            .await?;
+            apply_crds(&admin, KONG_CRDS).await?;
+            // Any change reconciles again (the retry also comes on its own, later).
+            apply_yaml(&admin, &ns, &kong_chatbot(KONG_FULL, "2")).await?;
+        }
+
+        let cb = kong_ready(&chatbots, ("True", "Applied")).await?;
+        let cb_uid = cb.uid().unwrap();
+        let plugins: Api<DynamicObject> =
+            Api::namespaced_with(admin.clone(), &ns, &KongPlugin::api_resource());
+        let consumers: Api<DynamicObject> =
+            Api::namespaced_with(admin.clone(), &ns, &KongConsumer::api_resource());
+        let rate = plugins.get("edge-rate-limiting").await?;
+        assert!(owned_by(&rate, &cb_uid));
+        assert_eq!(rate.data["plugin"], "rate-limiting");
+        assert_eq!(rate.data["config"]["minute"], 60);
+        assert_eq!(rate.data["config"]["header_name"], "Authorization");
+        assert!(rate.data.get("spec").is_none());
+        assert!(plugins.get_opt("edge-key-auth").await?.is_some());
+        let ingress = ingresses.get("edge-gateway").await?;
+        assert_eq!(
+            ingress.metadata.annotations.as_ref().unwrap()["konghq.com/plugins"],
+            "edge-rate-limiting,edge-key-auth"
+        );
+
+        // One consumer per Tenant, owned by it; credentials copy the Tenant keys.
+        let tenants = Api::<Tenant>::namespaced(admin.clone(), &ns);
+        for (tenant, source, key) in [("acme", "acme-key", "api-key"), ("globex", "globex-api-key", "api-key")] {
+            let uid = tenants.get(tenant).await?.uid().unwrap();
+            let consumer = eventually(&format!("KongConsumer {ns}-{tenant}"), || async {
+                Ok(consumers.get_opt(&format!("{ns}-{tenant}")).await?)
+            })
+            .await?;
+            assert!(owned_by(&consumer, &uid), "{tenant}'s consumer is owned by the Tenant");
+            assert_eq!(consumer.data["username"], format!("{ns}-{tenant}"));
+            let credential = format!("{tenant}-kong-key");
+            assert_eq!(consumer.data["credentials"], serde_json::json!([credential]));
+            let copy = eventually(&format!("Secret {credential}"), || async {
+                let Some(source) = secrets.get_opt(source).await? else {
+                    return Ok(None);
+                };
+                let Some(copy) = secrets.get_opt(&credential).await? else {
+                    return Ok(None);
+                };
+                Ok((secret_value(&copy, "key") == secret_value(&source, key)
+                    && secret_value(&copy, "key").is_some())
+                .then_some(copy))
+            })
+            .await?;
+            assert!(owned_by(&copy, &uid));
+            assert_eq!(copy.labels()["konghq.com/credential"], "key-auth");
+        }
+
+        // A rotated Tenant key is copied again.
+        apply_yaml(
+            &admin,
+            &ns,
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-key}\nstringData: {api-key: rotated-acme-key-value}\n",
+        )
+        .await?;
+        eventually("the rotated key in acme-kong-key", || async {
+            let copy = secrets.get("acme-kong-key").await?;
+            Ok((secret_value(&copy, "key").as_deref() == Some(&b"rotated-acme-key-value"[..]))
+                .then_some(()))
+        })
+        .await?;
+
+        // keyAuth off: key-auth plugin, consumers and credentials are pruned.
+        apply_yaml(&admin, &ns, &kong_chatbot(KONG_NO_AUTH, "3")).await?;
+        eventually("key-auth objects to be pruned", || async {
+            let gone = plugins.get_opt("edge-key-auth").await?.is_none()
+                && consumers.get_opt(&format!("{ns}-acme")).await?.is_none()
+                && consumers.get_opt(&format!("{ns}-globex")).await?.is_none()
+                && secrets.get_opt("acme-kong-key").await?.is_none()
+                && secrets.get_opt("globex-kong-key").await?.is_none();
+            Ok(gone.then_some(()))
+        })
+        .await?;
+        assert!(plugins.get_opt("edge-rate-limiting").await?.is_some());
+        assert!(secrets.get_opt("acme-key").await?.is_some(), "the Tenant's own key stays");
+        assert!(secrets.get_opt("globex-api-key").await?.is_some());
+
+        // kong removed: Ingress and plugins pruned, KongReady gone.
+        apply_yaml(&admin, &ns, &kong_chatbot("", "4")).await?;
+        eventually("the Kong objects to be pruned", || async {
+            let cb = chatbots.get("edge").await?;
+            let gone = ingresses.get_opt("edge-gateway").await?.is_none()
+                && plugins.get_opt("edge-rate-limiting").await?.is_none()
+                && kong_condition(&cb).is_none();
+            Ok(gone.then_some(()))
+        })
+        .await?;
+        operator.stop().await?;
+        Ok(cluster)
+    })
+    .await
+}

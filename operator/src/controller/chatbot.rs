@@ -39,6 +39,8 @@ pub const HANDOVER_MANAGER: &str = "parley-operator-handover-to-hpa";
 const KIND: &str = "Chatbot";
 /// Re-check now and then even without a watch event (a missed event heals itself).
 const RESYNC: Duration = Duration::from_secs(600);
+/// How soon to look again while the Kong CRDs are missing.
+const KONG_RETRY: Duration = Duration::from_secs(60);
 
 /// Ready reasons.
 pub mod reason {
@@ -171,6 +173,10 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
             };
             prune(chatbot, ctx, &ns, &rendered, &kong_outcome).await?;
             applied(chatbot, ctx, &rendered, ready_replicas, &kong_outcome).await?;
+            if matches!(kong_outcome, KongOutcome::Unavailable(_)) {
+                // Nothing watched announces that Kong's CRDs were installed: look again soon.
+                return Ok(Action::requeue(KONG_RETRY));
+            }
             Ok(Action::requeue(RESYNC))
         }
     }
