@@ -792,10 +792,14 @@ spec:
 ";
 
 fn kong_chatbot(kong: &str, annotation: &str) -> String {
+    named_kong_chatbot("edge", kong, annotation)
+}
+
+fn named_kong_chatbot(name: &str, kong: &str, annotation: &str) -> String {
     format!(
         "apiVersion: parley.dev/v1alpha1
 kind: Chatbot
-metadata: {{name: edge, annotations: {{e2e/touch: \"{annotation}\"}}}}
+metadata: {{name: {name}, annotations: {{e2e/touch: \"{annotation}\"}}}}
 spec:
   tenantSelector: {{matchLabels: {{parley.dev/chatbot: support}}}}
   defaultModel: gpt-4o
@@ -980,10 +984,35 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         })
         .await?;
 
-        // keyAuth off: key-auth plugin, consumers and credentials are pruned.
+        // A second Chatbot with keyAuth selecting the same Tenants shares the consumers:
+        // when the first turns keyAuth off, they stay.
+        let shared = "  kong:\n    host: other.example.com\n    keyAuth: true\n";
+        apply_yaml(&admin, &ns, &named_kong_chatbot("edge2", shared, "1")).await?;
+        eventually("edge2 KongReady=True", || async {
+            let cb = chatbots.get("edge2").await?;
+            Ok(kong_condition(&cb)
+                .is_some_and(|(s, _)| s == "True")
+                .then_some(()))
+        })
+        .await?;
         apply_yaml(&admin, &ns, &kong_chatbot(KONG_NO_AUTH, "3")).await?;
+        eventually("edge's key-auth plugin to be pruned", || async {
+            Ok(plugins.get_opt("edge-key-auth").await?.is_none().then_some(()))
+        })
+        .await?;
+        kong_ready(&chatbots, ("True", "Applied")).await?;
+        for tenant in ["acme", "globex"] {
+            assert!(
+                consumers.get_opt(&format!("{ns}-{tenant}")).await?.is_some(),
+                "{tenant}'s consumer is still wanted by edge2"
+            );
+            assert!(secrets.get_opt(&format!("{tenant}-kong-key")).await?.is_some());
+        }
+
+        // The last Chatbot with keyAuth turns it off: consumers and credentials are pruned.
+        apply_yaml(&admin, &ns, &named_kong_chatbot("edge2", "", "2")).await?;
         eventually("key-auth objects to be pruned", || async {
-            let gone = plugins.get_opt("edge-key-auth").await?.is_none()
+            let gone = plugins.get_opt("edge2-key-auth").await?.is_none()
                 && consumers.get_opt(&format!("{ns}-acme")).await?.is_none()
                 && consumers.get_opt(&format!("{ns}-globex")).await?.is_none()
                 && secrets.get_opt("acme-kong-key").await?.is_none()

@@ -15,12 +15,12 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use parley_crds::Chatbot;
+use parley_crds::{Chatbot, Tenant};
 use serde::Serialize;
 
 use super::{Error, kube_err};
 use crate::render::kong::CREDENTIAL_KEY;
-use crate::render::{KongConsumer, KongPlugin, MANAGER, Rendered};
+use crate::render::{KongConsumer, KongPlugin, MANAGER, Rendered, selects_tenant};
 
 /// Condition type of the Kong layer (present only while `spec.kong` is set).
 pub const KONG_READY: &str = "KongReady";
@@ -161,7 +161,8 @@ async fn copy_credentials(
 }
 
 /// Deletes the Kong children of `chatbot` that `rendered` no longer contains: plugins
-/// owned by the Chatbot, consumers and credential Secrets owned by a Tenant.
+/// owned by the Chatbot; and consumers and credential Secrets (owned by a Tenant) that
+/// neither this nor another Chatbot of the namespace renders.
 pub(super) async fn prune(
     client: &kube::Client,
     ns: &str,
@@ -177,11 +178,19 @@ pub(super) async fn prune(
             .flatten()
             .any(|r| Some(&r.uid) == uid.as_ref())
     };
+    // Consumers and credentials are per Tenant, so another Chatbot of the namespace with
+    // keyAuth that selects the same Tenant renders the same objects: those are kept. They
+    // are looked up by the manager label only (not the instance label, which names the
+    // last Chatbot that applied them), so any Chatbot's reconcile removes the consumers
+    // and credential copies that no Chatbot of the namespace wants any more.
+    let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
+    let shared = tenants_shared_with_others(client, ns, chatbot).await?;
     let by_tenant = |o: &ObjectMeta| {
-        o.owner_references
-            .iter()
-            .flatten()
-            .any(|r| r.kind == "Tenant" && r.api_version.starts_with("parley.dev/"))
+        o.owner_references.iter().flatten().any(|r| {
+            r.kind == "Tenant"
+                && r.api_version.starts_with("parley.dev/")
+                && !shared.contains(&r.name)
+        })
     };
     if !matches!(outcome, KongOutcome::Unavailable(_)) {
         let keep: BTreeSet<String> = rendered
@@ -207,7 +216,7 @@ pub(super) async fn prune(
             client,
             ns,
             &KongConsumer::api_resource(),
-            selector,
+            &managed,
             &keep,
             by_tenant,
         )
@@ -221,7 +230,7 @@ pub(super) async fn prune(
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let found = api
         .list_metadata(
-            &ListParams::default().labels(&format!("{selector},konghq.com/credential=key-auth")),
+            &ListParams::default().labels(&format!("{managed},konghq.com/credential=key-auth")),
         )
         .await
         .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
@@ -238,6 +247,39 @@ pub(super) async fn prune(
         }
     }
     Ok(())
+}
+
+/// Names of the Tenants that another live Chatbot of `ns` with `kong.keyAuth` selects.
+async fn tenants_shared_with_others(
+    client: &kube::Client,
+    ns: &str,
+    chatbot: &Chatbot,
+) -> Result<BTreeSet<String>, Error> {
+    let others: Vec<Chatbot> = Api::<Chatbot>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing Chatbots in {ns}")))?
+        .items
+        .into_iter()
+        .filter(|c| {
+            c.uid() != chatbot.uid()
+                && c.metadata.deletion_timestamp.is_none()
+                && c.spec.kong.as_ref().and_then(|k| k.key_auth) == Some(true)
+        })
+        .collect();
+    if others.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let tenants = Api::<Tenant>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing Tenants in {ns}")))?
+        .items;
+    Ok(tenants
+        .iter()
+        .filter(|t| others.iter().any(|c| selects_tenant(c, t)))
+        .map(ResourceExt::name_any)
+        .collect())
 }
 
 async fn prune_dynamic(

@@ -227,6 +227,13 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
     })
 }
 
+/// Whether `chatbot` selects `tenant` (same namespace, selector matches; an invalid
+/// selector selects nothing).
+pub fn selects_tenant(chatbot: &Chatbot, tenant: &Tenant) -> bool {
+    same_namespace(tenant, chatbot)
+        && selector_matches(chatbot.spec.tenant_selector.as_ref(), tenant.labels()).unwrap_or(false)
+}
+
 /// `Kind/namespace/name` of an object, as problems name it.
 fn object_ref<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
     format!("{}/{}", K::kind(&()), namespaced_name(object))

@@ -634,3 +634,17 @@ fn limit_by_consumer_without_key_auth_is_a_warning() {
             .any(|w| w.message.contains("does not render Kong"))
     );
 }
+
+#[test]
+fn selects_tenant_applies_namespace_and_selector() {
+    let all = chatbot("bot", "");
+    let picky = chatbot("bot", "  tenantSelector: {matchLabels: {team: a}}\n");
+    let mut a = tenant("a", "");
+    a.metadata.labels = Some(BTreeMap::from([("team".to_string(), "a".to_string())]));
+    let b = tenant("b", "");
+    let mut elsewhere = tenant("c", "");
+    elsewhere.metadata.namespace = Some("other".into());
+    assert!(selects_tenant(&all, &a) && selects_tenant(&all, &b));
+    assert!(selects_tenant(&picky, &a) && !selects_tenant(&picky, &b));
+    assert!(!selects_tenant(&all, &elsewhere));
+}
