@@ -1034,6 +1034,26 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
             Ok(gone.then_some(()))
         })
         .await?;
+
+        // Deleting the last Chatbot with keyAuth deletes the consumers and credential
+        // copies too (they belong to the Tenants, so the garbage collector would not).
+        apply_yaml(&admin, &ns, &named_kong_chatbot("edge2", shared, "3")).await?;
+        eventually("edge2's credential copies", || async {
+            Ok(secrets.get_opt("globex-kong-key").await?.and(
+                consumers.get_opt(&format!("{ns}-acme")).await?,
+            ))
+        })
+        .await?;
+        chatbots.delete("edge2", &DeleteParams::default()).await?;
+        eventually("consumers and credentials of a deleted Chatbot to go", || async {
+            let gone = consumers.get_opt(&format!("{ns}-acme")).await?.is_none()
+                && consumers.get_opt(&format!("{ns}-globex")).await?.is_none()
+                && secrets.get_opt("acme-kong-key").await?.is_none()
+                && secrets.get_opt("globex-kong-key").await?.is_none();
+            Ok(gone.then_some(()))
+        })
+        .await?;
+        assert!(secrets.get_opt("acme-key").await?.is_some());
         operator.stop().await?;
         Ok(cluster)
     })

@@ -282,6 +282,68 @@ async fn tenants_shared_with_others(
         .collect())
 }
 
+/// For the Tenant controller: when no live Chatbot of the namespace with `kong.keyAuth`
+/// selects `tenant` any more (its last one was deleted, or stopped selecting it), deletes
+/// the tenant's KongConsumer and credential Secrets. A Chatbot's own reconcile prunes them
+/// while it lives; this catches the Chatbot that is gone.
+pub(super) async fn prune_unwanted_for_tenant(
+    client: &kube::Client,
+    ns: &str,
+    tenant: &Tenant,
+) -> Result<(), Error> {
+    let wanted = Api::<Chatbot>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err(format!("listing Chatbots in {ns}")))?
+        .items
+        .iter()
+        .any(|c| {
+            c.metadata.deletion_timestamp.is_none()
+                && c.spec.kong.as_ref().and_then(|k| k.key_auth) == Some(true)
+                && selects_tenant(c, tenant)
+        });
+    if wanted {
+        return Ok(());
+    }
+    let uid = tenant.uid();
+    let owned = |o: &ObjectMeta| {
+        o.owner_references
+            .iter()
+            .flatten()
+            .any(|r| Some(&r.uid) == uid.as_ref())
+    };
+    let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
+    prune_dynamic(
+        client,
+        ns,
+        &KongConsumer::api_resource(),
+        &managed,
+        &BTreeSet::new(),
+        owned,
+    )
+    .await?;
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let found = api
+        .list_metadata(
+            &ListParams::default().labels(&format!("{managed},konghq.com/credential=key-auth")),
+        )
+        .await
+        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
+    for secret in found.items {
+        if !owned(&secret.metadata) {
+            continue;
+        }
+        let name = secret.name_any();
+        tracing::info!(object = %format!("Secret {ns}/{name}"), "deleting a Kong credential no Chatbot wants");
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(kube_err(format!("deleting Secret {ns}/{name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
 async fn prune_dynamic(
     client: &kube::Client,
     ns: &str,

@@ -1,5 +1,7 @@
 //! The Tenant controller: a Tenant without `apiKeys` gets Secret `<tenant>-api-key` (key
-//! `api-key`), created once with POST and never updated or replaced; and Tenant status.
+//! `api-key`), created once with POST and never updated or replaced; Tenant status; and the
+//! removal of the Tenant's Kong consumer and credential copies once no Chatbot of the
+//! namespace with `kong.keyAuth` selects it (e.g. that Chatbot was deleted).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use parley_crds::tenant::GENERATED_KEY;
-use parley_crds::{Tenant, TenantStatus};
+use parley_crds::{Chatbot, Tenant, TenantStatus};
 
 use super::conditions::{self, Desired};
 use super::missing_secret_keys;
@@ -40,6 +42,7 @@ pub async fn controller(
         watcher::Config::default(),
     );
     let store = controller.store();
+    let chatbot_store = store.clone();
     let stream = controller
         // Metadata only: a deleted key Secret is recreated, and no value is cached. Any
         // Secret change re-checks the Tenants of its namespace (MissingSecret).
@@ -47,6 +50,13 @@ pub async fn controller(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
             move |secret| same_namespace(&store, &secret),
+        )
+        // A Chatbot change (its deletion included) re-checks the Tenants of its namespace:
+        // Kong consumers and credential copies no Chatbot wants any more are deleted.
+        .watches(
+            scoped_api::<PartialObjectMeta<Chatbot>>(&client, ns),
+            watcher::Config::default(),
+            move |chatbot| same_namespace(&chatbot_store, &chatbot),
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx);
@@ -75,6 +85,7 @@ async fn reconcile_inner(tenant: &Tenant, ctx: &Context) -> Result<Action, Error
     } else {
         None
     };
+    super::kong::prune_unwanted_for_tenant(&ctx.client, &ns, tenant).await?;
     let secrets = secret_keys(&ctx.client, &ns).await?;
     let desired = readiness(tenant, &secrets, key_secret.is_some());
     let current = tenant.status.clone().unwrap_or_default();
