@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -25,6 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::conditions::{self, Desired, MAX_MESSAGE_BYTES};
+use super::delete_ignoring_missing;
 use super::kong::{self, KongOutcome};
 use super::{
     Context, Error, drain, kube_err, measured, object_key, retry_later, same_namespace, scoped_api,
@@ -560,11 +561,7 @@ where
             continue;
         }
         tracing::info!(object = %format!("{kind} {ns}/{name}"), "deleting a child the spec no longer renders");
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(kube_err(format!("deleting {kind} {ns}/{name}"))(e)),
-        }
+        delete_ignoring_missing(&api, &name, format!("{kind} {ns}/{name}")).await?;
     }
     Ok(())
 }

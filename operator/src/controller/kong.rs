@@ -14,10 +14,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use parley_crds::{Chatbot, Tenant};
 use serde::Serialize;
 
+use super::delete_ignoring_missing;
 use super::{Error, kube_err};
 use crate::render::kong::CREDENTIAL_KEY;
 use crate::render::{KongConsumer, KongPlugin, MANAGER, Rendered, selects_tenant};
@@ -240,11 +241,7 @@ pub(super) async fn prune(
             continue;
         }
         tracing::info!(object = %format!("Secret {ns}/{name}"), "deleting a Kong credential the spec no longer renders");
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(kube_err(format!("deleting Secret {ns}/{name}"))(e)),
-        }
+        delete_ignoring_missing(&api, &name, format!("Secret {ns}/{name}")).await?;
     }
     Ok(())
 }
@@ -335,11 +332,7 @@ pub(super) async fn prune_unwanted_for_tenant(
         }
         let name = secret.name_any();
         tracing::info!(object = %format!("Secret {ns}/{name}"), "deleting a Kong credential no Chatbot wants");
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(kube_err(format!("deleting Secret {ns}/{name}"))(e)),
-        }
+        delete_ignoring_missing(&api, &name, format!("Secret {ns}/{name}")).await?;
     }
     Ok(())
 }
@@ -369,11 +362,7 @@ async fn prune_dynamic(
             continue;
         }
         tracing::info!(object = %format!("{kind} {ns}/{name}"), "deleting a child the spec no longer renders");
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(kube_err(format!("deleting {kind} {ns}/{name}"))(e)),
-        }
+        delete_ignoring_missing(&api, &name, format!("{kind} {ns}/{name}")).await?;
     }
     Ok(())
 }

@@ -99,6 +99,25 @@ pub(crate) fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) ->
     move |source| Error::Kube { action, source }
 }
 
+/// Deletes an object in the background; one that is already gone counts as deleted.
+pub(crate) async fn delete_ignoring_missing<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    what: String,
+) -> Result<(), Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .delete(name, &kube::api::DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(kube_err(format!("deleting {what}"))(e)),
+    }
+}
+
 /// Shared by every reconcile of one controller process.
 pub struct Context {
     /// API client (of the operator's ServiceAccount).
