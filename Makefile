@@ -13,6 +13,7 @@ export PARLEY_GATEWAY_BIN ?= $(CURDIR)/target/debug/parley-gateway
 export PARLEY_MOCK_LLM_BIN ?= $(CURDIR)/target/debug/parley-mock-llm
 
 -include e2e/controlplane/controlplane.mk
+include mk/images.mk mk/cluster.mk
 
 .PHONY: help build release lint fmt crds render demo test test-rust test-python services bench chaos toolchain clean
 

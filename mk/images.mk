@@ -1,0 +1,1 @@
+# Container images (`make images`). Owned by the images work; included from the Makefile.
