@@ -21,3 +21,5 @@ fi
 need python3 || apt_install python3
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 need curl || apt_install curl
+# Argo CD's health scripts are tested under a real Lua 5.1 (Argo CD embeds gopher-lua).
+need lua5.1 || apt_install lua5.1
