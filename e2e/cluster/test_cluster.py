@@ -74,6 +74,7 @@ def sample_secret(name: str, key: str) -> str:
 
 
 ACME_KEY = sample_secret("acme-key", "api-key")
+ROTATED_KEY = "pk-acme-rotated-in-cluster"
 
 
 def openai_client(base_url: str, key: str) -> openai.OpenAI:
@@ -176,15 +177,21 @@ def upstream(kube: Kube, namespace: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def mock_stats(kube: Kube, upstream: dict):
-    """A function that reads the mock upstream's counters through a port-forward."""
+def mock_url(kube: Kube, upstream: dict):
+    """The mock upstream pod, port-forwarded to the host (its /_mock/* endpoints)."""
     pf = PortForward(kube, NS, "pod/mock-llm", 8000)
+    yield pf.url
+    pf.close()
+
+
+@pytest.fixture(scope="module")
+def mock_stats(mock_url: str):
+    """A function that reads the mock upstream's counters."""
 
     def stats() -> dict:
-        return httpx.get(f"{pf.url}/_mock/stats", timeout=10).json()
+        return httpx.get(f"{mock_url}/_mock/stats", timeout=10).json()
 
-    yield stats
-    pf.close()
+    return stats
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +331,7 @@ def test_a_model_route_edit_reaches_the_running_pods_without_a_restart(kube: Kub
 
 def test_a_rotated_tenant_key_is_refused_and_its_successor_accepted(kube: Kube, samples: list[dict]):
     pods = gateway_pods(kube)
-    rotated = "pk-acme-rotated-in-cluster"
+    rotated = ROTATED_KEY
     kube.run("patch", "secret", "acme-key", "-n", NS, "-p", json.dumps({"stringData": {"api-key": rotated}}))
     for pod in pods:
         name = pod["metadata"]["name"]
@@ -338,6 +345,35 @@ def test_a_rotated_tenant_key_is_refused_and_its_successor_accepted(kube: Kube, 
             wait_for(rotated_in, PROPAGATION_S, f"pod {name} to take the rotated key", interval=2)
     # Rotating a key inside a Secret the pods already mount does not roll the fleet.
     assert {p["metadata"]["uid"] for p in gateway_pods(kube)} == {p["metadata"]["uid"] for p in pods}
+
+
+def test_a_terminating_pod_finishes_its_open_stream(kube: Kube, samples: list[dict], mock_url: str):
+    """The preStop pause and the grace period let a pod that is being deleted finish the
+    stream it is serving before it exits."""
+    slow = {"tokens_per_second": 4.0, "reply_tokens": 24}
+    httpx.post(f"{mock_url}/_mock/config", json=slow, timeout=10).raise_for_status()
+    try:
+        pod = gateway_pods(kube)[0]["metadata"]["name"]
+        with PortForward(kube, NS, f"pod/{pod}", 8080) as pf:
+            stream = openai_client(pf.url, ROTATED_KEY).chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "a slow reply, please"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [next(stream)]
+            kube.run("delete", "pod", pod, "-n", NS, "--wait=false")
+            started = time.monotonic()
+            chunks.extend(stream)
+            elapsed = time.monotonic() - started
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == ["stop"], f"the stream was cut: {finish}"
+        assert chunks[-1].usage and chunks[-1].usage.completion_tokens == 24
+        assert elapsed > 3, "the stream should have outlived the deletion by seconds"
+        wait_for(lambda: kube.get("pod", pod, NS) is None, 120, f"pod {pod} to be gone")
+    finally:
+        httpx.post(f"{mock_url}/_mock/config", json={"tokens_per_second": 0.0, "reply_tokens": 20}, timeout=10)
+    wait_gateway_ready(kube, 2)
 
 
 def test_scaling_hands_replicas_between_the_operator_and_the_hpa(kube: Kube, samples: list[dict]):
