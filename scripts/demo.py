@@ -138,6 +138,20 @@ def main() -> int:
         curl(f"{base}/chat", "-H", f"Authorization: Bearer {globex_key}", "-H", json_type, "-d", json.dumps(
             {"session_id": "demo-1", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": turn}]}))
 
+    say("the official openai and anthropic Python SDKs, pointed at the gateway")
+    import anthropic
+    import openai
+    chat = openai.OpenAI(base_url=f"{base}/v1", api_key="pk-acme-REPLACE-ME", max_retries=0)
+    print('>>> openai.OpenAI(base_url="%s/v1", api_key=KEY).chat.completions.create(model="gpt-4o", ...)' % base)
+    completion = chat.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Hello from the openai SDK"}])
+    print(f"    {completion.choices[0].message.content!r} ({completion.usage.total_tokens} tokens)")
+    messages = anthropic.Anthropic(base_url=base, api_key="pk-acme-REPLACE-ME", max_retries=0)
+    print('>>> anthropic.Anthropic(base_url="%s", api_key=KEY).messages.create(model="claude-sonnet", ...)' % base)
+    message = messages.messages.create(
+        model="claude-sonnet", max_tokens=64, messages=[{"role": "user", "content": "Hello from the anthropic SDK"}])
+    print(f"    {message.content[0].text!r} (stop_reason {message.stop_reason})")
+
     say("Globex may not use gpt-4o, and a wrong key is refused")
     curl(f"{base}/v1/chat/completions", "-H", f"Authorization: Bearer {globex_key}", "-H", json_type, "-d",
          json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))

@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "==> building parley-operator, parley-gateway and parley-mock-llm (debug)"
 cargo build -q -p parley-operator -p parley-gateway -p parley-e2e --bins
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import yaml' 2>/dev/null; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check pyyaml
+# The Makefile's virtualenv (pyyaml, and the openai and anthropic SDKs the demo and the
+# README's next steps use); `make demo` has made it already.
+if [ ! -f .venv/.installed ]; then
+  make --no-print-directory .venv/.installed
 fi
 exec .venv/bin/python scripts/demo.py "$@"
