@@ -1,0 +1,176 @@
+"""What every image is: FROM scratch with one static binary, no shell, non-root, OCI
+labels, a CA bundle without this machine's local CAs, `--version`, small, and runnable
+with a read-only root filesystem."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import DOCKER, REPO, RESTRICTED, docker, free_port, wait_for
+
+RUST_IMAGES = {"gateway": "parley-gateway", "operator": "parley-operator", "mock-llm": "parley-mock-llm"}
+PRODUCT = ("gateway", "operator")
+# The issue's ceiling for the product images.
+MAX_PRODUCT_BYTES = 30_000_000
+
+
+def app_version() -> str:
+    m = re.search(r'^appVersion:\s*"?([^"\s]+)"?', (REPO / "charts/parley/Chart.yaml").read_text(), re.M)
+    assert m, "no appVersion in charts/parley/Chart.yaml"
+    return m.group(1)
+
+
+def exported_files(tag: str) -> dict[str, tarfile.TarInfo]:
+    """The image's filesystem, from `docker export` of a created (never started) container."""
+    cid = docker("create", tag).stdout.strip()
+    try:
+        data = subprocess.run([DOCKER, "export", cid], capture_output=True, check=True, timeout=120).stdout
+    finally:
+        docker("rm", "-f", cid, check=False)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name.rstrip("/"): m for m in tar.getmembers()}
+
+
+def inspect(tag: str) -> dict:
+    return json.loads(docker("image", "inspect", tag).stdout)[0]
+
+
+@pytest.mark.parametrize("name", sorted(RUST_IMAGES))
+def test_version_answers_as_non_root_on_a_read_only_root(images, name):
+    p = docker("run", "--rm", *RESTRICTED, images[name], "--version")
+    assert p.stdout.strip() == f"{RUST_IMAGES[name]} {app_version()}", p.stdout + p.stderr
+
+
+def test_product_tags_are_the_charts_defaults(images):
+    values = (REPO / "charts/parley/values.yaml").read_text()
+    for name, repo in (("gateway", "ghcr.io/parley-dev/parley-gateway"), ("operator", "ghcr.io/parley-dev/parley-operator")):
+        assert f"repository: {repo}\n" in values, f"charts/parley/values.yaml no longer names {repo}"
+        assert images[name] == f"{repo}:{app_version()}"
+
+
+@pytest.mark.parametrize("name", ["gateway", "operator", "mock-llm", "redis"])
+def test_runs_as_65532_with_oci_labels(images, name):
+    cfg = inspect(images[name])["Config"]
+    assert cfg["User"] == "65532:65532"
+    labels = cfg["Labels"] or {}
+    assert labels.get("org.opencontainers.image.source") == "https://github.com/parley-dev/parley"
+    if name == "redis":
+        assert labels.get("org.opencontainers.image.version", "").startswith(
+            subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split("v=")[1].split()[0])
+        return
+    assert labels.get("org.opencontainers.image.version") == app_version()
+    rev = labels.get("org.opencontainers.image.revision", "")
+    assert re.fullmatch(r"[0-9a-f]{40}", rev), f"revision label {rev!r} is not a commit"
+    known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{rev}^{{commit}}"], capture_output=True)
+    assert known.returncode == 0, f"revision label {rev} is not a commit of this repository"
+
+
+@pytest.mark.parametrize("name", sorted(RUST_IMAGES))
+def test_holds_one_static_binary_and_no_shell(images, name, tmp_path):
+    files = exported_files(images[name])
+    binary = f"usr/local/bin/{RUST_IMAGES[name]}"
+    executables = sorted(n for n, m in files.items() if m.isfile() and m.mode & 0o111)
+    assert executables == [binary]
+    assert not any(n in files for n in ("bin/sh", "usr/bin/sh", "bin/busybox", "bin", "usr/bin"))
+    p = docker("run", "--rm", "--entrypoint", "/bin/sh", images[name], "-c", "true", check=False)
+    assert p.returncode != 0
+    # Only what the Dockerfile put there, and what the engine adds to every container.
+    engine_added = {".dockerenv", "dev", "dev/console", "dev/pts", "dev/shm", "proc", "sys", "etc/hosts",
+                    "etc/hostname", "etc/resolv.conf", "etc/mtab"}
+    ours = {"etc", "etc/passwd", "etc/group", "etc/ssl", "etc/ssl/certs", "etc/ssl/certs/ca-certificates.crt",
+            "usr", "usr/local", "usr/local/bin", binary}
+    assert set(files) - engine_added == ours
+    # Static: the binary names no dynamic loader and no shared library.
+    out = tmp_path / RUST_IMAGES[name]
+    cid = docker("create", images[name]).stdout.strip()
+    try:
+        docker("cp", f"{cid}:/{binary}", str(out))
+    finally:
+        docker("rm", "-f", cid, check=False)
+    ldd = subprocess.run(["ldd", str(out)], capture_output=True, text=True)
+    assert "statically linked" in ldd.stdout + ldd.stderr or "not a dynamic executable" in ldd.stdout + ldd.stderr, ldd.stdout
+    assert b"/lib64/ld-linux" not in out.read_bytes()[:4096], "the binary asks for a dynamic loader"
+
+
+def _pem_blocks(text: str) -> set[str]:
+    return {"".join(b.split()) for b in re.findall(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", text, re.S)}
+
+
+def test_ca_bundle_is_debians_mozilla_set_without_local_cas(images):
+    files = exported_files(images["gateway"])
+    assert "etc/ssl/certs/ca-certificates.crt" in files
+    cid = docker("create", images["gateway"]).stdout.strip()
+    try:
+        bundle = subprocess.run([DOCKER, "cp", f"{cid}:/etc/ssl/certs/ca-certificates.crt", "-"],
+                                capture_output=True, check=True).stdout
+    finally:
+        docker("rm", "-f", cid, check=False)
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        member = tar.extractfile("ca-certificates.crt")
+        assert member is not None
+        text = member.read().decode()
+    ours = _pem_blocks(text)
+    mozilla = set()
+    for f in Path("/usr/share/ca-certificates/mozilla").glob("*.crt"):
+        mozilla |= _pem_blocks(f.read_text())
+    assert len(ours) > 100, f"only {len(ours)} CA certificates"
+    assert ours <= mozilla, "the bundle holds certificates that are not Debian's Mozilla roots"
+    local = set()
+    for f in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
+        local |= _pem_blocks(f.read_text())
+    assert not (ours & local), "the bundle ships this machine's locally added CAs"
+
+
+@pytest.mark.parametrize("name", PRODUCT)
+def test_product_images_are_small(images, name):
+    size = int(inspect(images[name])["Size"])
+    print(f"{images[name]}: {size / 1e6:.1f} MB")
+    assert size < MAX_PRODUCT_BYTES, f"{images[name]} is {size / 1e6:.1f} MB"
+
+
+def test_mock_image_serves_and_stops_on_docker_stop(start_mock):
+    mock = start_mock()
+    r = mock.http.post(f"{mock.base}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                       headers={"authorization": "Bearer sk-upstream-imgtest"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+    mock.container.stop(timeout=10)
+    assert mock.container.exit_code() == 0
+
+
+def _redis(port: int, *cmd: str) -> bytes:
+    """One RESP command over a plain socket; the raw reply."""
+    payload = f"*{len(cmd)}\r\n".encode() + b"".join(f"${len(c.encode())}\r\n{c}\r\n".encode() for c in cmd)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(payload)
+        return s.recv(4096)
+
+
+def test_redis_image_serves_on_a_read_only_root_and_stops(images, run):
+    files = exported_files(images["redis"])
+    assert "usr/bin/redis-server" in files
+    assert not any(n in files for n in ("bin/sh", "usr/bin/sh", "bin/bash"))
+    port = free_port()
+    # The image's default flags, with the port and address a test on the host network needs.
+    c = run(images["redis"], "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--bind", "127.0.0.1", "--port", str(port))
+    wait_for(lambda: _redis(port, "PING") == b"+PONG\r\n", 20, f"redis to answer (logs: {c.logs()})")
+    assert _redis(port, "SET", "parley:imgtest", "ok") == b"+OK\r\n"
+    assert _redis(port, "GET", "parley:imgtest") == b"$2\r\nok\r\n"
+    assert b"redis_version:" in _redis(port, "INFO", "server")
+    c.stop(timeout=10)
+    assert c.exit_code() == 0, c.logs()
+    assert "ready to exit" in c.logs().lower() or "bye" in c.logs().lower(), c.logs()
+
+
+def test_redis_tags_include_local(images):
+    ids = {docker("image", "inspect", "-f", "{{.Id}}", t).stdout.strip() for t in (images["redis"], "parley-test/redis:local")}
+    assert len(ids) == 1
