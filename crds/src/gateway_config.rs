@@ -24,6 +24,11 @@ pub const API_VERSION: &str = "parley.dev/gateway/v1";
 pub struct GatewayConfig {
     /// Always `parley.dev/gateway/v1`.
     pub api_version: String,
+    /// The Chatbot this gateway serves, `<namespace>/<name>` [`default/parley`]: part of
+    /// every Redis key (so two Chatbots sharing a Redis and a Tenant share no limits,
+    /// sessions or cache entries), and of ledger rows and logs. The operator renders it.
+    #[serde(default = "default_chatbot")]
+    pub chatbot: String,
     /// Address of the chat API.
     #[serde(default = "default_listen")]
     pub listen: String,
@@ -393,6 +398,28 @@ pub struct LimitsConfig {
     pub max_body_bytes: u64,
 }
 
+/// Default of `chatbot`.
+pub fn default_chatbot() -> String {
+    "default/parley".into()
+}
+/// Checks a `chatbot` value: `<namespace>/<name>`, each a Kubernetes name (lowercase
+/// letters, digits, `-` and `.`; at most 253 characters).
+pub fn check_chatbot(text: &str) -> Result<(), String> {
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.'])
+    };
+    match text.split_once('/') {
+        Some((ns, name)) if name_ok(ns) && name_ok(name) => Ok(()),
+        _ => Err(format!(
+            "chatbot: {text:?} must be <namespace>/<name> of the Chatbot (lowercase letters, digits, '-' and '.'), e.g. prod/support"
+        )),
+    }
+}
 fn default_listen() -> String {
     "0.0.0.0:8080".into()
 }
@@ -552,6 +579,9 @@ impl GatewayConfig {
     /// Every inconsistency, each naming the field to fix.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Err(e) = check_chatbot(&self.chatbot) {
+            problems.push(e);
+        }
         let mut names = HashSet::new();
         for (i, model) in self.models.iter().enumerate() {
             if model.name.is_empty() {
@@ -732,6 +762,19 @@ models:
         assert_eq!(model.backends[0].timeouts.total_ms, 300_000);
         assert_eq!(config.limits.max_body_bytes, 1_048_576);
         assert_eq!(config.sessions.max_messages, 50);
+    }
+
+    #[test]
+    fn chatbot_defaults_and_is_checked() {
+        let config = GatewayConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.chatbot, "default/parley");
+        let ok = format!("{MINIMAL}chatbot: prod/support-bot\n");
+        assert_eq!(GatewayConfig::from_yaml(&ok).unwrap().chatbot, "prod/support-bot");
+        for bad in ["support", "prod/", "/x", "a/b/c", "Prod/x", "p/{x}", "p/x y"] {
+            let text = format!("{MINIMAL}chatbot: {bad:?}\n");
+            let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+            assert!(err.contains("chatbot:"), "{bad}: {err}");
+        }
     }
 
     #[test]

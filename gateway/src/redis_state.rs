@@ -13,8 +13,9 @@
 //! - Sessions: one list per tenant and session; appending and trimming is one script.
 //! - Cache: one string per entry, `SET ... PX ttl`.
 //!
-//! Keys are `parley:v1:{<tenant>}:...` (the version in the prefix changes with the
-//! layout; the braces keep a tenant's keys in one cluster slot). Every command is bounded
+//! Keys are `parley:v1:{<chatbot>:<tenant>}:...` (the version in the prefix changes with
+//! the layout; the braces keep one decision's keys in one cluster slot; the Chatbot
+//! `namespace/name` keeps two Chatbots that share a Redis and a Tenant apart). Every command is bounded
 //! by a short timeout; the connection is multiplexed and reconnects by itself.
 
 use std::sync::Arc;
@@ -216,6 +217,8 @@ static SESSION_APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(SESSION_A
 pub struct Redis {
     conn: ConnectionManager,
     prefix: String,
+    /// `namespace/name` of the Chatbot: in every key's hash tag.
+    chatbot: String,
     /// Length of a "minute" in ms (60 000; tests shorten it; hours and days scale).
     minute_ms: u64,
     metrics: Arc<Metrics>,
@@ -227,6 +230,7 @@ impl std::fmt::Debug for Redis {
         // Never the URL: it holds the password.
         f.debug_struct("Redis")
             .field("prefix", &self.prefix)
+            .field("chatbot", &self.chatbot)
             .finish_non_exhaustive()
     }
 }
@@ -286,7 +290,12 @@ impl KindName for RedisError {
 
 impl Redis {
     /// A lazily connecting, self-reconnecting client (no network I/O here).
-    pub fn connect(url: &str, prefix: &str, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn connect(
+        url: &str,
+        prefix: &str,
+        chatbot: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         check_url(url)?;
         let client = redis::Client::open(url)
             .map_err(|e| format!("redis.url is not a valid Redis URL ({})", e.kind_name()))?;
@@ -301,6 +310,7 @@ impl Redis {
         Ok(Self {
             conn,
             prefix: prefix.to_string(),
+            chatbot: chatbot.to_string(),
             minute_ms: 60_000,
             metrics,
             last_warning: AtomicU64::new(0),
@@ -313,8 +323,9 @@ impl Redis {
         self
     }
 
+    /// `<prefix>{<chatbot>:<tenant>}:<rest>`: one hash slot per Chatbot and tenant.
     fn tenant_key(&self, tenant: &str, rest: &str) -> String {
-        format!("{}{{{tenant}}}:{rest}", self.prefix)
+        format!("{}{{{}:{tenant}}}:{rest}", self.prefix, self.chatbot)
     }
 
     fn error(&self, op: &'static str, e: &str) {
@@ -782,7 +793,7 @@ mod tests {
 
     fn redis_at(url: &str) -> Redis {
         let prefix = format!("parley:test:{:016x}:", fastrand::u64(..));
-        Redis::connect(url, &prefix, Arc::new(Metrics::new())).unwrap()
+        Redis::connect(url, &prefix, "ns/cb", Arc::new(Metrics::new())).unwrap()
     }
 
     async fn redis() -> Redis {
@@ -1049,6 +1060,39 @@ mod tests {
             ok += usize::from(t.await.unwrap());
         }
         assert_eq!(ok, 7);
+    }
+
+    #[tokio::test]
+    async fn two_chatbots_share_no_keys() {
+        let a = redis().await;
+        let b = Redis {
+            prefix: a.prefix.clone(),
+            ..Redis::connect(&url(), "x", "ns/other-cb", Arc::new(Metrics::new())).unwrap()
+        };
+        let k = a.tenant_key("ns/t", "rpm");
+        assert!(k.starts_with(&format!("{}{{ns/cb:ns/t}}:", a.prefix)), "{k}");
+        let rl = RateLimitConfig {
+            requests_per_minute: Some(1),
+            ..Default::default()
+        };
+        a.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+        assert!(a.admit(&req(&rl, 0), FailureMode::Closed).await.is_err());
+        b.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(
+            a.session_append("ns/t", "s", &[json!({"role": "user", "content": "x"})], 10, ttl)
+                .await
+        );
+        assert!(b.session_load("ns/t", "s", ttl).await.unwrap().is_empty());
+        let e = CachedEntry {
+            model: "m".into(),
+            backend: "b".into(),
+            usage: Usage::default(),
+            body: Bytes::from_static(b"{}"),
+        };
+        a.cache_put("ns/t", &[1; 32], &e, ttl).await;
+        assert_eq!(b.cache_get("ns/t", &[1; 32]).await, None);
+        assert_eq!(a.cache_get("ns/t", &[1; 32]).await, Some(e));
     }
 
     #[tokio::test]

@@ -213,13 +213,17 @@ impl Shared {
         Arc::clone(b)
     }
 
-    /// The Redis client for `url`, kept across reloads while the URL stays the same.
-    /// Outside an async runtime (`check`) the URL is only validated.
-    fn redis(&self, url: &str) -> Result<Option<Arc<Redis>>, String> {
+    /// The Redis client for `url`, kept across reloads while the URL and the Chatbot stay
+    /// the same. Outside an async runtime (`check`) the URL is only validated.
+    fn redis(&self, url: &str, chatbot: &str) -> Result<Option<Arc<Redis>>, String> {
         if tokio::runtime::Handle::try_current().is_err() {
             return redis_state::check_url(url).map(|()| None);
         }
-        let digest: [u8; 32] = Sha256::digest(url.as_bytes()).into();
+        let mut h = Sha256::new();
+        h.update(url.as_bytes());
+        h.update([0]);
+        h.update(chatbot.as_bytes());
+        let digest: [u8; 32] = h.finalize().into();
         let mut slot = self.redis.lock();
         if let Some((d, r)) = slot.as_ref()
             && *d == digest
@@ -229,12 +233,14 @@ impl Shared {
         let r = Arc::new(Redis::connect(
             url,
             redis_state::PREFIX,
+            chatbot,
             Arc::clone(&self.metrics),
         )?);
         *slot = Some((digest, Arc::clone(&r)));
         // Never the URL: it holds the password.
         tracing::info!(
             prefix = redis_state::PREFIX,
+            chatbot,
             "limits, /chat sessions and the response cache are shared through Redis"
         );
         Ok(Some(r))
@@ -375,6 +381,7 @@ pub fn placeholder(config_path: &Path, shared: &Shared) -> Result<Runtime, Vec<S
     };
     let config = GatewayConfig {
         api_version: parley_crds::gateway_config::API_VERSION.to_string(),
+        chatbot: parley_crds::gateway_config::default_chatbot(),
         listen: field("listen", "0.0.0.0:8080"),
         admin_listen: field("adminListen", "0.0.0.0:9090"),
         secrets_dir: None,
@@ -564,7 +571,7 @@ pub fn build(
         Some(r) => match resolve(&r.url, &base) {
             Ok(url) if !url.is_empty() => {
                 hasher.update(Sha256::digest(url.as_bytes()));
-                match shared.redis(&url) {
+                match shared.redis(&url, &config.chatbot) {
                     Ok(r) => r,
                     Err(e) => {
                         problems.push(e);

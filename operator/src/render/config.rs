@@ -43,6 +43,7 @@ pub(super) fn gateway_config(
     let default_sessions = SessionsConfig::default();
     GatewayConfig {
         api_version: API_VERSION.to_string(),
+        chatbot: super::namespaced_name(input.chatbot),
         listen: format!("0.0.0.0:{HTTP_PORT}"),
         admin_listen: format!("0.0.0.0:{ADMIN_PORT}"),
         secrets_dir: Some(PathBuf::from(SECRETS_DIR)),
