@@ -25,14 +25,15 @@ import (
 	"k8s.io/kubernetes/cmd/kube-apiserver/app/options"
 )
 
-const (
-	serviceCIDR = "10.0.0.0/24"
-	serviceIP   = "10.0.0.1" // the first address of serviceCIDR: the `kubernetes` Service
-)
+// defaultServiceCIDR is the range of Service ClusterIPs unless --service-cidr says otherwise.
+const defaultServiceCIDR = "10.0.0.0/24"
 
 // apiServerArgs are the kube-apiserver flags; extra flags given after `--`
 // on our command line come last and so win.
 func apiServerArgs(c *config, p pkiFiles, etcdURL string, port int) []string {
+	if c.nodeIP != "" {
+		return append(nodeAPIServerArgs(c, p, etcdURL, port), c.extraAPIServerArg...)
+	}
 	args := []string{
 		"--etcd-servers=" + etcdURL,
 		"--advertise-address=127.0.0.1",
@@ -44,7 +45,7 @@ func apiServerArgs(c *config, p pkiFiles, etcdURL string, port int) []string {
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + p.saKey,
 		"--service-account-signing-key-file=" + p.saKey,
-		"--service-cluster-ip-range=" + serviceCIDR,
+		"--service-cluster-ip-range=" + c.serviceCIDR,
 		"--authorization-mode=RBAC",
 		// The ServiceAccount admission plugin wants each namespace's `default`
 		// ServiceAccount, which only the (absent) serviceaccount controller makes.

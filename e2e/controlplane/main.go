@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -35,6 +36,10 @@ type config struct {
 	controllers       bool
 	startTimeout      time.Duration
 	extraAPIServerArg []string
+	// The node of scripts/cluster.sh (node.go); nodeIP == "" without one.
+	nodeIP      string
+	nodeName    string
+	serviceCIDR string
 }
 
 func main() {
@@ -65,6 +70,11 @@ func parseFlags() (*config, error) {
 	fs.BoolVar(&c.gracefulStop, "graceful-stop", false, "on SIGTERM, let the API server drain requests (up to 30s) instead of stopping within a quarter of a second")
 	fs.BoolVar(&c.controllers, "controllers", true, "run the garbage-collector, namespace, deployment and replicaset controllers")
 	fs.DurationVar(&c.startTimeout, "start-timeout", 2*time.Minute, "give up when the API server is not ready by then")
+	fs.StringVar(&c.nodeIP, "node-ip", "", "serve a node with this (non-loopback, local) address: listen and advertise on it too, "+
+		"publish the `kubernetes` Service's endpoints, enable ServiceAccount admission and the Node authorizer, and write "+
+		"certificates and kubeconfigs for the kubelet and kube-proxy (see README.md)")
+	fs.StringVar(&c.nodeName, "node-name", "parley-node", "name of the node (with --node-ip)")
+	fs.StringVar(&c.serviceCIDR, "service-cidr", defaultServiceCIDR, "range of Service ClusterIPs")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return nil, err
 	}
@@ -72,6 +82,9 @@ func parseFlags() (*config, error) {
 	if c.dataDir == "" {
 		fs.Usage()
 		return nil, errors.New("--data-dir is required")
+	}
+	if err := checkNodeFlags(c); err != nil {
+		return nil, err
 	}
 	abs, err := filepath.Abs(c.dataDir)
 	if err != nil {
@@ -85,6 +98,9 @@ func parseFlags() (*config, error) {
 }
 
 func run() int {
+	if code, ok := runComponent(); ok {
+		return code
+	}
 	c, err := parseFlags()
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -189,7 +205,7 @@ func watchForShutdown(ctx context.Context, cancel context.CancelCauseFunc, c *co
 }
 
 func serve(ctx context.Context, c *config) error {
-	pki, err := ensurePKI(filepath.Join(c.dataDir, "pki"))
+	pki, err := ensurePKI(filepath.Join(c.dataDir, "pki"), pkiOptionsFor(c))
 	if err != nil {
 		return fmt.Errorf("certificates: %w", err)
 	}
@@ -205,6 +221,13 @@ func serve(ctx context.Context, c *config) error {
 		return fmt.Errorf("listen: %w", err)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
+	if c.nodeIP != "" {
+		// Pods reach the API server through the `kubernetes` Service, whose
+		// endpoint is the node's address.
+		if ln, err = listenAlsoOn(ln, net.JoinHostPort(c.nodeIP, strconv.Itoa(port))); err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+	}
 	server := fmt.Sprintf("https://127.0.0.1:%d", port)
 
 	apiCtx, stopAPI := context.WithCancel(context.Background())
@@ -215,8 +238,13 @@ func serve(ctx context.Context, c *config) error {
 	}()
 
 	kubeconfig := filepath.Join(c.dataDir, "kubeconfig")
-	if err := writeKubeconfig(kubeconfig, server, pki); err != nil {
+	if err := writeKubeconfig(kubeconfig, server, pki.caCert, adminUser, pki.adminCert, pki.adminKey); err != nil {
 		return err
+	}
+	if c.nodeIP != "" {
+		if err := writeNodeKubeconfigs(c, server, pki); err != nil {
+			return err
+		}
 	}
 
 	readyCtx, readyCancel := context.WithTimeout(ctx, c.startTimeout)
