@@ -247,8 +247,14 @@ cgroupsPerQOS: false
 enforceNodeAllocatable: []
 failSwapOn: false
 localStorageCapacityIsolation: false
-# ConfigMap and Secret volumes follow edits within ~10 s.
-syncFrequency: 10s
+# Cluster DNS: parley-controlplane cluster-dns on the node's address. Pods get only the
+# cluster's search path and this server (resolvConf "": nothing of the host's).
+clusterDNS: [$NODE_IP]
+clusterDomain: cluster.local
+resolvConf: ""
+# ConfigMap and Secret volumes follow edits within 5-8 s (a pod is synced every
+# syncFrequency plus up to half of it in jitter).
+syncFrequency: 5s
 fileCheckFrequency: 10s
 # A shared test machine: never evict or collect images because of its disks.
 evictionHard: {memory.available: "1Mi", nodefs.available: "0%", imagefs.available: "0%"}
@@ -317,6 +323,7 @@ cmd_up() {
     --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
     --horizontal-pod-autoscaler-sync-period=5s --v=1
   start kube-scheduler "$cp" kube-scheduler --kubeconfig="$DIR/kubeconfig" --leader-elect=false --secure-port=0 --v=1
+  start cluster-dns "$cp" cluster-dns --kubeconfig="$DIR/kubeconfig" --listen="$NODE_IP:53"
 
   log "starting containerd"
   # Registry traffic goes to a closed local port: images are imported, never pulled.
@@ -353,7 +360,7 @@ cmd_up() {
     tail -n 20 "$DIR/logs/kubelet.log" >&2 || true
     die "the node did not become Ready (logs in $DIR/logs)"
   fi
-  for p in controlplane kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
+  for p in controlplane kube-controller-manager kube-scheduler cluster-dns containerd kubelet kube-proxy; do
     alive "$p" || die "$p exited (log: $DIR/logs/$p.log)"
   done
   log "node $NODE_NAME is Ready; kubeconfig: $DIR/kubeconfig"
@@ -428,6 +435,7 @@ cmd_down() {
     "$cp" kube-proxy --cleanup --proxy-mode=iptables >"$DIR/logs/kube-proxy-cleanup.log" 2>&1 || true
   fi
   cleanup_iptables
+  stop cluster-dns 5
   stop kube-scheduler 5
   stop kube-controller-manager 5
   stop controlplane 10
@@ -478,7 +486,7 @@ cmd_down() {
 
 cmd_status() {
   local p
-  for p in controlplane kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
+  for p in controlplane kube-controller-manager kube-scheduler cluster-dns containerd kubelet kube-proxy; do
     if alive "$p"; then echo "$p running (pid $(cat "$(pidfile "$p")"))"; else echo "$p not running"; fi
   done
 }

@@ -41,6 +41,9 @@ func runComponent() (code int, ok bool) {
 	if name == "wait-node" {
 		return waitNodeMain(os.Args[2:]), true
 	}
+	if name == "cluster-dns" {
+		return clusterDNSMain(os.Args[2:]), true
+	}
 	if name == "cri-cleanup" {
 		return criCleanupMain(os.Args[2:]), true
 	}

@@ -271,6 +271,66 @@ def test_pod_reaches_the_api_server_through_the_kubernetes_service(app):
     assert "connected" in out
 
 
+def test_pods_find_services_by_name(app):
+    """Cluster DNS (parley-controlplane cluster-dns): Service names resolve to their
+    ClusterIP through the pod's search path; names outside the cluster do not resolve."""
+    name = app["pod"]["metadata"]["name"]
+    resolv = kubectl(app["kubeconfig"], "-n", NS, "exec", name, "--", "/nodetest", "cat", "/etc/resolv.conf")
+    assert f"nameserver {NODE_IP}" in resolv
+    assert f"search {NS}.svc.cluster.local svc.cluster.local cluster.local" in resolv
+    for query in ("nodetest", f"nodetest.{NS}", f"nodetest.{NS}.svc.cluster.local"):
+        out = kubectl(app["kubeconfig"], "-n", NS, "exec", name, "--", "/nodetest", "resolve", query)
+        assert out.split() == [app["cluster_ip"]], (query, out)
+    out = kubectl(app["kubeconfig"], "-n", NS, "exec", name, "--", "/nodetest", "resolve", "kubernetes.default")
+    assert out.split() == ["10.96.0.1"]
+    for missing in ("no-such-service", "example.com"):
+        proc = subprocess.run(
+            [KUBECTL, "--kubeconfig", app["kubeconfig"], "-n", NS, "exec", name, "--", "/nodetest", "resolve", missing],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode != 0 and "resolve" in proc.stderr, (missing, proc.stdout, proc.stderr)
+
+
+def test_configmap_volume_follows_an_edit(cluster):
+    """The kubelet swaps a ConfigMap volume's ..data within its sync period (10 s)."""
+    kc = cluster["kubeconfig"]
+    kubectl(kc, "-n", NS, "create", "configmap", "conf", "--from-literal=greeting=one")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "conf-reader", "namespace": NS},
+        "spec": {
+            "containers": [
+                {
+                    "name": "server",
+                    "image": IMAGE,
+                    "args": ["serve", "8080"],
+                    "volumeMounts": [{"name": "conf", "mountPath": "/conf"}],
+                }
+            ],
+            "volumes": [{"name": "conf", "configMap": {"name": "conf"}}],
+        },
+    }
+    path = Path(cluster["dir"]) / "conf-reader.json"
+    path.write_text(json.dumps(pod))
+    kubectl(kc, "apply", "-f", str(path))
+    kubectl(kc, "-n", NS, "wait", "--for=condition=Ready", "pod/conf-reader", "--timeout=60s", timeout=70)
+
+    def read():
+        return kubectl(kc, "-n", NS, "exec", "conf-reader", "--", "/nodetest", "cat", "/conf/greeting")
+
+    assert read() == "one"
+    kubectl(kc, "-n", NS, "patch", "configmap", "conf", "-p", '{"data":{"greeting":"two"}}')
+    started = time.monotonic()
+    eventually("the edited ConfigMap in the volume", lambda: read() == "two", timeout=30)
+    took = time.monotonic() - started
+    print(f"ConfigMap edit visible in the pod after {took:.1f}s")
+    assert took < 20
+    kubectl(kc, "-n", NS, "delete", "pod", "conf-reader", "--wait=false")
+
+
 def test_pod_reaches_the_host_at_the_node_ip(app):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name

@@ -6,9 +6,12 @@
  *   nodetest get IP PORT PATH  HTTP GET; prints the response; exit 0 on status 200
  *   nodetest tcp IP PORT       exit 0 when a TCP connection opens
  *   nodetest cat FILE          print a file (there is no shell in the image)
+ *   nodetest resolve NAME      print NAME's IPv4 addresses (getaddrinfo: the pod's
+ *                              resolv.conf, search path and nameserver); exit 1 if none
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -129,6 +132,23 @@ static int cat(const char *path) {
   return 0;
 }
 
+static int resolve(const char *name) {
+  struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM};
+  struct addrinfo *res;
+  int rc = getaddrinfo(name, NULL, &hints, &res);
+  if (rc != 0) {
+    fprintf(stderr, "nodetest: resolve %s: %s\n", name, gai_strerror(rc));
+    return 1;
+  }
+  for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+    char ip[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &((struct sockaddr_in *)ai->ai_addr)->sin_addr, ip, sizeof ip);
+    printf("%s\n", ip);
+  }
+  freeaddrinfo(res);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "serve") == 0) {
     return serve(argv[2]);
@@ -148,6 +168,9 @@ int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "cat") == 0) {
     return cat(argv[2]);
   }
-  fprintf(stderr, "usage: nodetest serve PORT | get IP PORT PATH | tcp IP PORT | cat FILE\n");
+  if (argc == 3 && strcmp(argv[1], "resolve") == 0) {
+    return resolve(argv[2]);
+  }
+  fprintf(stderr, "usage: nodetest serve PORT | get IP PORT PATH | tcp IP PORT | cat FILE | resolve NAME\n");
   return 2;
 }
