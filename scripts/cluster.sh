@@ -5,6 +5,8 @@
 #                                 node is Ready (exit 0), or the reason and exit 1
 #   scripts/cluster.sh down DIR   stop everything `up` started and remove what it made,
 #                                 also after a failed `up`; exit 1 if something is left
+#   scripts/cluster.sh load DIR ARCHIVE...   import more image archives (`docker save`
+#                                 or OCI) into the running node, like `kind load`
 #   scripts/cluster.sh status DIR what runs
 #   scripts/cluster.sh install-packages   the Debian packages it needs
 #
@@ -431,9 +433,7 @@ cmd_down() {
     esac
   done < <(our_processes)
   stop kube-proxy 10
-  if [ -x "$cp" ]; then
-    "$cp" kube-proxy --cleanup --proxy-mode=iptables >"$DIR/logs/kube-proxy-cleanup.log" 2>&1 || true
-  fi
+  # Not `kube-proxy --cleanup`: that also flushes every IPVS rule of the machine.
   cleanup_iptables
   stop cluster-dns 5
   stop kube-scheduler 5
@@ -484,6 +484,16 @@ cmd_down() {
   log "down: nothing left"
 }
 
+cmd_load() {
+  alive containerd || die "containerd of $DIR is not running (scripts/cluster.sh up $DIR)"
+  local tar
+  for tar in "$@"; do
+    [ -f "$tar" ] || die "$tar: no such file"
+    ctr_ images import "$tar" >/dev/null || die "ctr images import $tar failed"
+    log "imported $tar"
+  done
+}
+
 cmd_status() {
   local p
   for p in controlplane kube-controller-manager kube-scheduler cluster-dns containerd kubelet kube-proxy; do
@@ -492,7 +502,7 @@ cmd_status() {
 }
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -502,6 +512,12 @@ case "${1:-}" in
     mkdir -p "$2"
     DIR=$(cd "$2" && pwd -P)
     "cmd_$1"
+    ;;
+  load)
+    [ $# -ge 3 ] || usage
+    DIR=$(cd "$2" && pwd -P)
+    shift 2
+    cmd_load "$@"
     ;;
   install-packages) install_packages ;;
   *) usage ;;
