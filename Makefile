@@ -15,7 +15,7 @@ export PARLEY_MOCK_LLM_BIN ?= $(CURDIR)/target/debug/parley-mock-llm
 -include e2e/controlplane/controlplane.mk
 include mk/images.mk mk/cluster.mk
 
-.PHONY: help build release lint fmt crds render demo test test-rust test-python services bench chaos toolchain clean
+.PHONY: help build release lint fmt crds docs render demo test test-rust test-python services bench chaos toolchain clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,15 +40,18 @@ crds: ## Regenerate the committed CRD YAML from the Rust types
 	$(CARGO) run -q -p parley-operator -- crds > config/crd/parley-crds.yaml
 	cp config/crd/parley-crds.yaml charts/parley/crds/parley-crds.yaml
 
-render: ## Render the sample Chatbot to stdout
-	$(CARGO) run -q -p parley-operator -- render -f config/samples
+docs: ## Regenerate docs/reference/ (CRD and GatewayConfig reference) from the schemas
+	PARLEY_UPDATE_DOCS=1 $(CARGO) test -q -p parley-crds --test reference_docs
+
+render: ## Print what the operator renders for config/samples (YAML only, release build)
+	@$(CARGO) run -q --release -p parley-operator -- render -f config/samples
 
 $(VENV)/.installed: $(PY_REQUIREMENTS)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check $(addprefix -r ,$(PY_REQUIREMENTS))
 	touch $@
 
-demo: toolchain ## The whole path on embedded defaults: no cluster, no keys, no Redis
+demo: toolchain $(VENV)/.installed ## The whole path on embedded defaults: no cluster, no keys, no Redis
 	@scripts/demo.sh
 
 test: lint test-rust test-python ## Everything CI runs

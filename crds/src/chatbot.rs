@@ -55,11 +55,12 @@ pub struct ChatbotSpec {
     /// The model used when a request names none; must be a selected model.
     #[schemars(length(min = 1, max = 253))]
     pub default_model: String,
-    /// System prompt prepended to every conversation of the `/chat` API.
+    /// System prompt put before the history of every conversation of the `/chat` session
+    /// API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65_536))]
     pub system_prompt: Option<String>,
-    /// The gateway pods.
+    /// The gateway pods: image, replicas or autoscaling, resources, disruption budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewaySpec>,
     /// Shared state for limits, sessions and cache. Required when more than one replica can
@@ -72,7 +73,8 @@ pub struct ChatbotSpec {
     /// The `/chat` session API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<SessionsSpec>,
-    /// Usage ledger in PostgreSQL.
+    /// Usage ledger in PostgreSQL. Planned: accepted and rendered, but the gateway does not
+    /// write the ledger yet (usage and cost are in its Prometheus metrics).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSpec>,
     /// Browser access (absent = no CORS headers).
@@ -145,7 +147,8 @@ pub struct RedisSpec {
     pub url_secret_ref: SecretKeyRef,
 }
 
-/// Behaviour of limits while Redis is unreachable.
+/// What limits do while Redis is unreachable: `open` admits requests without limits,
+/// `closed` refuses them with 503 [open].
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
 )]
@@ -255,7 +258,8 @@ pub struct KongRateLimit {
     pub redis: Option<KongRedis>,
 }
 
-/// What a Kong rate-limit bucket is keyed by.
+/// What one Kong rate-limit bucket counts: `header` (the API key sent in `Authorization`),
+/// `ip` (the client address) or `consumer` (the KongConsumer; needs keyAuth) [header].
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
 )]
@@ -270,7 +274,8 @@ pub enum KongLimitBy {
     Consumer,
 }
 
-/// Where Kong keeps rate-limit counters.
+/// Where Kong keeps rate-limit counters: `local` (each Kong node's memory), `cluster`
+/// (Kong's database) or `redis` (shared by all nodes; set `redis`) [local].
 #[derive(
     schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
 )]

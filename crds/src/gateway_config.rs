@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::chatbot::FailureMode;
@@ -18,46 +19,59 @@ use crate::money::{InvalidUsd, parse_usd_micros};
 /// The only `apiVersion` this build reads and writes.
 pub const API_VERSION: &str = "parley.dev/gateway/v1";
 
-/// The whole gateway configuration.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// The whole gateway configuration: one YAML document. What the operator renders into the
+/// `config.yaml` key of ConfigMap `<chatbot>-gateway`, and what
+/// `parley-gateway --config FILE` reads and watches.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// Always `parley.dev/gateway/v1`.
+    /// Always `parley.dev/gateway/v1`; a document with another version is refused.
     pub api_version: String,
     /// The Chatbot this gateway serves, `<namespace>/<name>` [`default/parley`]: part of
     /// every Redis key (so two Chatbots sharing a Redis and a Tenant share no limits,
     /// sessions or cache entries), and of ledger rows and logs. The operator renders it.
     #[serde(default = "default_chatbot")]
     pub chatbot: String,
-    /// Address of the chat API.
+    /// `HOST:PORT` of the chat API (`/v1/chat/completions`, `/v1/messages`, `/v1/models`,
+    /// `/chat`). Checked at load: the port is 0-65535. A change takes effect at the next
+    /// start, not on reload.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    /// `HOST:PORT` of the admin listener: `/healthz`, `/readyz` and `/metrics` only. Must
+    /// differ from `listen`. A change takes effect at the next start, not on reload.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
-    /// Base for relative secret file paths [the config file's directory].
+    /// Directory that relative `{file: ...}` secret paths resolve against [the config
+    /// file's directory]; a relative `secretsDir` resolves against the config file's
+    /// directory. Rendered configs say `/var/run/parley/secrets`, where a gateway pod
+    /// mounts every Secret key it needs as the file `<secret>/<key>`.
+    /// `parley-gateway --secrets-dir DIR` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets_dir: Option<PathBuf>,
-    /// Model used when a request names none.
+    /// Model used when a request names none; must be one of `models`.
     pub default_model: String,
-    /// Prepended to every `/chat` conversation.
+    /// System prompt put before the stored history of every `/chat` session request.
     #[serde(default)]
     pub system_prompt: Option<String>,
-    /// The models clients can ask for.
+    /// The models clients can ask for (one per ModelRoute), each with its backends.
     pub models: Vec<ModelConfig>,
-    /// Who may call, and their limits.
+    /// Who may call: each tenant's API keys, allowed models, limits and budget. A request
+    /// whose key belongs to no tenant is refused with 401.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
-    /// Shared state; `null` keeps limits, sessions and cache in the process.
+    /// Shared state for limits, `/chat` sessions and the response cache, so that replicas
+    /// share them; `null` keeps them in the process (right for one replica only).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
-    /// What limits do while Redis is unreachable.
+    /// What limits do while Redis is unreachable: `open` admits requests without limits,
+    /// `closed` refuses them with 503.
     #[serde(default)]
     pub rate_limit_failure_mode: FailureMode,
     /// The `/chat` session API.
     #[serde(default)]
     pub sessions: SessionsConfig,
-    /// Usage ledger in PostgreSQL.
+    /// Usage ledger in PostgreSQL. Planned, not implemented yet: when set, the gateway logs
+    /// once that it does not write the ledger; usage is in the Prometheus metrics only.
     #[serde(default)]
     pub usage: Option<UsageConfig>,
     /// Browser access; `null` sends no CORS headers.
@@ -68,9 +82,11 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
 }
 
-/// Where a secret (a key, a URL) comes from: `{file: path}`, `{env: NAME}` or
-/// `{value: literal}`.
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Where a secret (an API key, a URL with a password) comes from: a map with exactly one of
+/// `file`, `env` or `value`. A source that cannot be read makes that one key unusable
+/// (logged once, the rest of the config serves), except `redis.url`, without which the
+/// gateway is not ready.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(try_from = "SecretSourceFields", into = "SecretSourceFields")]
 pub enum SecretSource {
     /// A file; a relative path resolves against `secretsDir`. Re-read when it changes.
@@ -81,14 +97,20 @@ pub enum SecretSource {
     Value(String),
 }
 
-/// The YAML shape of a [`SecretSource`]: a map with exactly one of the three keys.
-#[derive(Serialize, Deserialize, Default)]
+/// Where a secret (an API key, a URL with a password) comes from: exactly one of `file`,
+/// `env` or `value`. Surrounding whitespace is trimmed from what is read.
+#[derive(Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct SecretSourceFields {
+    /// A file holding the secret; a relative path resolves against `secretsDir`. Rendered
+    /// configs name `<secret>/<key>`, the file a pod's projected volume holds for key `key`
+    /// of Secret `secret`. Watched: a rotated file is read again without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     file: Option<PathBuf>,
+    /// The name of an environment variable holding the secret (read at each load).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     env: Option<String>,
+    /// The secret itself, for local use only (it is never logged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     value: Option<String>,
 }
@@ -147,107 +169,131 @@ impl fmt::Debug for SecretSource {
     }
 }
 
-/// One model clients can ask for.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// One model clients can ask for: a ModelRoute, flattened, with every default written out.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelConfig {
-    /// The name clients send.
+    /// The name clients send as `model`; unique in the config.
+    #[schemars(length(min = 1))]
     pub name: String,
-    /// Backends, chosen by weight among the healthy ones.
+    /// Upstream backends, chosen by weight among those whose circuit breaker is closed.
+    #[schemars(length(min = 1))]
     pub backends: Vec<BackendConfig>,
-    /// Models tried in order when this one cannot serve.
+    /// Other models tried, in order, when this one cannot serve (followed transitively,
+    /// skipping models the tenant may not use); each must be a model of this config, and
+    /// they must not form a cycle.
     #[serde(default)]
     pub fallbacks: Vec<String>,
-    /// Attempts on this model.
+    /// Attempts on this model before its fallbacks are tried.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Per-backend breaker.
+    /// The circuit breaker of each backend of this model.
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
-    /// Output tokens assumed when a request sets no `max_tokens`.
+    /// Output tokens assumed when a request sets no `max_tokens`: sent upstream where the
+    /// provider needs it (Anthropic), and reserved by token limits and budgets.
     #[serde(default = "default_max_output_tokens")]
+    #[schemars(range(min = 1))]
     pub max_output_tokens: u32,
-    /// Prices; `null` = free.
+    /// Prices, for cost accounting and budgets; `null` = free.
     #[serde(default)]
     pub pricing: Option<PricingConfig>,
-    /// Exact-match cache; `null` = off.
+    /// Exact-match response cache for requests with `temperature: 0`; `null` = off.
     #[serde(default)]
     pub cache: Option<CacheConfig>,
 }
 
 /// One upstream endpoint of a model.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendConfig {
-    /// Unique within the model.
+    /// Name, unique within the model (the `backend` label of metrics, and the
+    /// `x-parley-backend` response header).
     pub name: String,
-    /// The API it speaks.
+    /// The API it speaks: `openai` (any OpenAI-compatible chat completions API) or
+    /// `anthropic` (the Messages API).
     pub provider: Provider,
-    /// Base URL including the version segment.
+    /// Base URL including the version segment, e.g. `https://api.openai.com/v1`; the gateway
+    /// appends `/chat/completions` (openai) or `/messages` (anthropic). Must start with
+    /// `http://` or `https://`.
     pub base_url: String,
-    /// Model name sent upstream [the model's name].
+    /// Model name sent upstream [the model's `name`].
     #[serde(default)]
     pub upstream_model: Option<String>,
-    /// Provider key; `null` sends none.
+    /// Provider API key, sent as `Authorization: Bearer` (openai) or `x-api-key`
+    /// (anthropic); `null` sends none. A tenant's `upstreamKeys` entry replaces it.
     #[serde(default)]
     pub api_key: Option<SecretSource>,
-    /// Share of traffic; 0 = only when the others are unavailable.
+    /// Share of traffic among the model's backends; 0 = only used when the others are
+    /// unavailable.
     #[serde(default = "default_weight")]
     pub weight: u32,
-    /// Call timeouts.
+    /// Timeouts of a call to this backend.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
 }
 
-/// Timeouts in milliseconds.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// Timeouts of one upstream call, in milliseconds; each at least 1.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeoutsConfig {
-    /// Connect (TCP + TLS).
+    /// TCP and TLS connect.
     #[serde(default = "default_connect_ms")]
+    #[schemars(range(min = 1))]
     pub connect_ms: u64,
-    /// Until response headers (non-stream) or the first token (stream).
+    /// Until the response headers (non-stream) or the first token (stream).
     #[serde(default = "default_first_token_ms")]
+    #[schemars(range(min = 1))]
     pub first_token_ms: u64,
-    /// Whole call.
+    /// The whole call, streams included.
     #[serde(default = "default_total_ms")]
+    #[schemars(range(min = 1))]
     pub total_ms: u64,
 }
 
-/// Retries on one model.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// Retries on one model, with exponential backoff and jitter. `Retry-After` from the
+/// upstream is honoured; when it is longer than `maxBackoffMs` the gateway moves on to the
+/// fallbacks at once. 429, 5xx, timeouts and connection errors are retried, 400-class
+/// answers are not.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryConfig {
-    /// All attempts, the first included.
+    /// All attempts on this model, the first included; at least 1.
     #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1))]
     pub max_attempts: u32,
-    /// Backoff before the second attempt.
+    /// Backoff before the second attempt; must not exceed `maxBackoffMs`.
     #[serde(default = "default_initial_backoff_ms")]
     pub initial_backoff_ms: u64,
-    /// Longest backoff.
+    /// Longest backoff between attempts.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
 }
 
-/// Per-backend circuit breaker.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// Per-backend circuit breaker. It counts 5xx answers, timeouts and connection errors (not
+/// 429s); while open the backend gets no traffic, then one probe request decides.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
-    /// Consecutive failures (5xx, timeouts, connection errors) that open it.
+    /// Consecutive failures that open the breaker; at least 1.
     #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1))]
     pub failure_threshold: u32,
-    /// Seconds open before one probe.
+    /// Seconds the breaker stays open before one probe request.
     #[serde(default = "default_open_seconds")]
     pub open_seconds: u64,
 }
 
-/// USD per million tokens, as decimal strings.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// Prices in USD per million tokens, as decimal strings (up to 6 decimal places; money is
+/// counted in integer micro-USD).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PricingConfig {
-    /// Input tokens, e.g. "2.50".
+    /// USD per million input tokens, e.g. `"2.50"`.
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
     pub input_per_million_tokens: String,
-    /// Output tokens, e.g. "10.00".
+    /// USD per million output tokens, e.g. `"10.00"`.
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
     pub output_per_million_tokens: String,
 }
 
@@ -261,8 +307,10 @@ impl PricingConfig {
     }
 }
 
-/// Exact-match response cache.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// Exact-match response cache, per tenant. Only requests with an explicit `temperature: 0`
+/// are cached; the key covers the API format, model, system prompt, messages, tools,
+/// `response_format`, `stop`, `max_tokens`, `seed` and `n`.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CacheConfig {
     /// Seconds an entry is served.
@@ -270,57 +318,65 @@ pub struct CacheConfig {
     pub ttl_seconds: u64,
 }
 
-/// One tenant.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// One tenant: a Tenant, flattened.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TenantConfig {
-    /// `namespace/name`; the `tenant` label of metrics.
+    /// `namespace/name`, unique in the config; the `tenant` label of metrics, and part of
+    /// every Redis key of this tenant.
     pub id: String,
     /// Human-readable name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
-    /// Keys that authenticate as this tenant.
+    /// Keys that authenticate as this tenant (`Authorization: Bearer KEY` or
+    /// `x-api-key: KEY`); at least one. Two tenants must not share a key.
+    #[schemars(length(min = 1))]
     pub api_keys: Vec<SecretSource>,
-    /// Models it may use (empty = all).
+    /// Models the tenant may use (empty = all); each must be a model of this config. Other
+    /// models are refused with 403 and skipped as fallbacks.
     #[serde(default)]
     pub allowed_models: Vec<String>,
     /// Tenant-wide limits; `null` = unlimited.
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
-    /// Per-model limits.
+    /// Per-model limits, in addition to the tenant-wide ones; each `model` must be a model
+    /// of this config.
     #[serde(default)]
     pub model_quotas: Vec<ModelQuotaConfig>,
     /// Monthly spend cap; `null` = none.
     #[serde(default)]
     pub budget: Option<BudgetConfig>,
-    /// Tenant-owned provider keys.
+    /// Tenant-owned provider keys, used instead of the backend's `apiKey` for this
+    /// tenant's requests; each must name a model of this config and one of its backends.
     #[serde(default)]
     pub upstream_keys: Vec<UpstreamKeyConfig>,
 }
 
-/// Sliding-window limits; absent = unlimited.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Sliding-window limits of a tenant, all models together: a per-minute limit of N admits
+/// at most N requests in any 60 seconds. An absent limit is unlimited.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Requests in any 60 seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
-    /// Requests in any hour.
+    /// Requests in any hour (counted in sixty sub-windows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_hour: Option<u64>,
-    /// Requests in any day.
+    /// Requests in any day (counted in sixty sub-windows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_day: Option<u64>,
-    /// Tokens in any 60 seconds.
+    /// Input plus output tokens in any 60 seconds: the prompt estimate plus `max_tokens`
+    /// (or `maxOutputTokens`) is reserved at admission and settled to real usage after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
 }
 
-/// Limits of the tenant on one model.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// Limits of the tenant on one model, in addition to its tenant-wide limits.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelQuotaConfig {
-    /// The model.
+    /// The model; must be a model of this config.
     pub model: String,
     /// Requests in any 60 seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -330,70 +386,76 @@ pub struct ModelQuotaConfig {
     pub tokens_per_minute: Option<u64>,
 }
 
-/// Monthly spend cap.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// Monthly spend cap: once spent, requests are refused with 402 until the next month.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BudgetConfig {
-    /// USD per calendar month (UTC).
+    /// USD per calendar month (UTC), a decimal string, e.g. `"500.00"`.
+    #[schemars(regex(pattern = r"^[0-9]{1,12}(\.[0-9]{1,6})?$"))]
     pub monthly_usd: String,
 }
 
-/// A tenant-owned provider key.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// A tenant-owned provider key for one backend of one model.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpstreamKeyConfig {
-    /// The model.
+    /// The model; must be a model of this config.
     pub model: String,
-    /// The backend of that model.
+    /// The backend of that model whose key this replaces.
     pub backend: String,
-    /// The key.
+    /// The tenant's provider key.
     pub api_key: SecretSource,
 }
 
 /// Redis connection.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://` or `rediss://` URL, credentials included (never logged). Until it can be
+    /// read, the gateway is not ready.
     pub url: SecretSource,
 }
 
-/// The `/chat` session API.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// The `/chat` session API: the gateway keeps each session's history (per tenant and
+/// session id) and sends it with every new turn.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionsConfig {
     /// Seconds a session lives after its last use.
     #[serde(default = "default_session_ttl")]
     pub ttl_seconds: u64,
-    /// Messages kept.
+    /// Messages kept per session (the oldest are dropped, never separating a tool call
+    /// from its result); at least 2.
     #[serde(default = "default_session_max_messages")]
+    #[schemars(range(min = 2))]
     pub max_messages: u32,
-    /// Requests per minute per session; `null` = none.
+    /// Requests per minute per session; `null` = no session limit.
     #[serde(default)]
     pub requests_per_minute: Option<u64>,
 }
 
-/// Usage ledger.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// Usage ledger in PostgreSQL (planned; not written by this version).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsageConfig {
-    /// PostgreSQL URL.
+    /// PostgreSQL URL, credentials included.
     pub postgres_url: SecretSource,
 }
 
-/// CORS.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// CORS: which browser origins may call the chat API (preflight requests are answered by
+/// the gateway).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CorsConfig {
-    /// Allowed origins.
+    /// Allowed origins, e.g. `https://app.example.com`.
     pub allowed_origins: Vec<String>,
 }
 
 /// Request size limits.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest accepted request body.
+    /// Largest accepted request body in bytes; a larger one is answered 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
 }
@@ -541,6 +603,18 @@ pub enum ConfigError {
 impl GatewayConfig {
     /// Parses and validates a YAML document.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config = Self::from_yaml_unchecked(text)?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Parses a YAML document (version, shape, types, unknown fields) without the
+    /// consistency checks of [`GatewayConfig::problems`].
+    pub fn from_yaml_unchecked(text: &str) -> Result<Self, ConfigError> {
         let value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         match value.get("apiVersion").and_then(|v| v.as_str()) {
@@ -556,14 +630,19 @@ impl GatewayConfig {
                 });
             }
         }
-        let config: Self =
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        serde_yaml::from_str(text).map_err(|e| {
+            // serde stops at the first unknown field: name them all, then whatever else
+            // serde found.
+            let error = e.to_string();
+            let mut problems = unknown_fields(&value);
+            if problems.is_empty() {
+                return ConfigError::Parse(error);
+            }
+            if !error.contains("unknown field") {
+                problems.push(error);
+            }
+            ConfigError::Invalid(problems)
+        })
     }
 
     /// Serialises to YAML: the exact text the operator puts in the ConfigMap.
@@ -581,6 +660,20 @@ impl GatewayConfig {
         let mut problems = Vec::new();
         if let Err(e) = check_chatbot(&self.chatbot) {
             problems.push(e);
+        }
+        for (field, value) in [
+            ("listen", &self.listen),
+            ("adminListen", &self.admin_listen),
+        ] {
+            if let Err(e) = check_listen_address(value) {
+                problems.push(format!("{field}: {value:?} {e}"));
+            }
+        }
+        if self.listen == self.admin_listen && !self.listen.ends_with(":0") {
+            problems.push(format!(
+                "adminListen: {:?} is also the address of listen; give the admin listener its own port",
+                self.admin_listen
+            ));
         }
         let mut names = HashSet::new();
         for (i, model) in self.models.iter().enumerate() {
@@ -686,11 +779,138 @@ impl GatewayConfig {
             {
                 problems.push(format!("tenants[{i}].budget.monthlyUsd: {e}"));
             }
+            let unknown = |model: &str| !names.contains(model);
+            for (j, model) in tenant.allowed_models.iter().enumerate() {
+                if unknown(model) {
+                    problems.push(format!(
+                        "tenants[{i}].allowedModels[{j}]: tenant {:?} allows {model:?}, which is not a model of this config",
+                        tenant.id
+                    ));
+                }
+            }
+            for (j, quota) in tenant.model_quotas.iter().enumerate() {
+                if unknown(&quota.model) {
+                    problems.push(format!(
+                        "tenants[{i}].modelQuotas[{j}].model: tenant {:?} has a quota for {:?}, which is not a model of this config",
+                        tenant.id, quota.model
+                    ));
+                }
+            }
+            for (j, key) in tenant.upstream_keys.iter().enumerate() {
+                match self.model(&key.model) {
+                    None => problems.push(format!(
+                        "tenants[{i}].upstreamKeys[{j}].model: tenant {:?} has a key for {:?}, which is not a model of this config",
+                        tenant.id, key.model
+                    )),
+                    Some(model) if !model.backends.iter().any(|b| b.name == key.backend) => {
+                        problems.push(format!(
+                            "tenants[{i}].upstreamKeys[{j}].backend: tenant {:?} has a key for backend {:?} of model {:?}, which has no such backend",
+                            tenant.id, key.backend, key.model
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
         }
         if self.sessions.max_messages < 2 {
             problems.push("sessions.maxMessages must be at least 2".into());
         }
         problems
+    }
+}
+
+/// Every key of a GatewayConfig document that its schema does not have, each with its path
+/// and the keys allowed there.
+fn unknown_fields(value: &serde_yaml::Value) -> Vec<String> {
+    fn resolve<'a>(
+        root: &'a serde_json::Value,
+        node: &'a serde_json::Value,
+    ) -> &'a serde_json::Value {
+        let mut node = node;
+        for _ in 0..8 {
+            if let Some(name) = node["$ref"].as_str().and_then(|r| r.rsplit('/').next()) {
+                node = &root["$defs"][name];
+            } else if let Some(branch) = node["anyOf"]
+                .as_array()
+                .and_then(|a| a.iter().find(|b| b["type"] != "null"))
+            {
+                node = branch;
+            } else {
+                break;
+            }
+        }
+        node
+    }
+    fn walk(
+        root: &serde_json::Value,
+        node: &serde_json::Value,
+        value: &serde_yaml::Value,
+        path: &str,
+        out: &mut Vec<String>,
+    ) {
+        let node = resolve(root, node);
+        match value {
+            serde_yaml::Value::Mapping(map) => {
+                let Some(props) = node["properties"].as_object() else {
+                    return;
+                };
+                for (key, child) in map {
+                    let Some(key) = key.as_str() else { continue };
+                    let here = if path.is_empty() {
+                        key.to_string()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    match props.get(key) {
+                        Some(schema) => walk(root, schema, child, &here, out),
+                        None => out.push(format!(
+                            "{here}: unknown field `{key}`; expected one of: {}",
+                            props.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )),
+                    }
+                }
+            }
+            serde_yaml::Value::Sequence(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(root, &node["items"], item, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let Ok(schema) = serde_json::to_value(schemars::schema_for!(GatewayConfig)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk(&schema, &schema, value, "", &mut out);
+    out
+}
+
+/// Checks a `HOST:PORT` listen address without resolving it: an IP address (IPv6 in
+/// brackets) or a host name, and a port from 0 to 65535.
+pub fn check_listen_address(text: &str) -> Result<(), String> {
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("is not HOST:PORT (e.g. 0.0.0.0:8080)".into());
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "has no valid port: {port:?} is not a number from 0 to 65535"
+        ));
+    }
+    let hostname = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if hostname {
+        Ok(())
+    } else {
+        Err(format!(
+            "has no valid host: {host:?} is neither an IP address (IPv6 in brackets) nor a host name"
+        ))
     }
 }
 
@@ -769,8 +989,13 @@ models:
         let config = GatewayConfig::from_yaml(MINIMAL).unwrap();
         assert_eq!(config.chatbot, "default/parley");
         let ok = format!("{MINIMAL}chatbot: prod/support-bot\n");
-        assert_eq!(GatewayConfig::from_yaml(&ok).unwrap().chatbot, "prod/support-bot");
-        for bad in ["support", "prod/", "/x", "a/b/c", "Prod/x", "p/{x}", "p/x y"] {
+        assert_eq!(
+            GatewayConfig::from_yaml(&ok).unwrap().chatbot,
+            "prod/support-bot"
+        );
+        for bad in [
+            "support", "prod/", "/x", "a/b/c", "Prod/x", "p/{x}", "p/x y",
+        ] {
             let text = format!("{MINIMAL}chatbot: {bad:?}\n");
             let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
             assert!(err.contains("chatbot:"), "{bad}: {err}");
@@ -797,6 +1022,22 @@ models:
     }
 
     #[test]
+    fn every_unknown_field_is_named_with_its_path() {
+        let text = MINIMAL
+            .replace("defaultModel", "defaultModle")
+            .replace("apiKey:", "wieght: 1, apiKey:")
+            .replace("sk-test}", "sk-test, fiel: x}");
+        let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        for needle in [
+            "defaultModle: unknown field `defaultModle`; expected one of:",
+            "models[0].backends[0].wieght: unknown field",
+            "models[0].backends[0].apiKey.fiel: unknown field `fiel`; expected one of: env, file, value",
+        ] {
+            assert!(err.contains(needle), "{needle} missing in {err}");
+        }
+    }
+
+    #[test]
     fn unknown_version_is_refused() {
         let text = MINIMAL.replace("gateway/v1", "gateway/v9");
         let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
@@ -818,6 +1059,69 @@ models:
         for needle in ["fallbacks[0]", "maxAttempts", "apiKeys", "monthlyUsd"] {
             assert!(err.contains(needle), "{needle} missing in {err}");
         }
+    }
+
+    #[test]
+    fn listen_addresses_are_checked_at_load() {
+        let text = format!("{MINIMAL}listen: 127.0.0.1:80800\nadminListen: ':9090'\n");
+        let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("listen: \"127.0.0.1:80800\""), "{err}");
+        assert!(err.contains("0 to 65535"), "{err}");
+        assert!(err.contains("adminListen: \":9090\""), "{err}");
+        for ok in [
+            "0.0.0.0:8080",
+            "[::1]:0",
+            "localhost:9090",
+            "gateway.local:80",
+        ] {
+            assert_eq!(check_listen_address(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "8080",
+            "127.0.0.1",
+            "127.0.0.1:-1",
+            "a b:80",
+            "[::1:80",
+            "host:65536",
+        ] {
+            assert!(check_listen_address(bad).is_err(), "{bad}");
+        }
+        let text = format!("{MINIMAL}listen: 127.0.0.1:8080\nadminListen: 127.0.0.1:8080\n");
+        let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        assert!(err.contains("adminListen"), "{err}");
+    }
+
+    #[test]
+    fn tenant_entries_naming_no_model_are_refused() {
+        let text = format!(
+            "{MINIMAL}tenants:\n- id: ns/acme\n  apiKeys: [{{value: k}}]\n  allowedModels: [gpt-4o, gpt-5]\n  modelQuotas: [{{model: gtp-4o, requestsPerMinute: 1}}]\n  upstreamKeys:\n  - {{model: gpt-4o, backend: secondary, apiKey: {{value: x}}}}\n  - {{model: o3, backend: primary, apiKey: {{value: x}}}}\n"
+        );
+        let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        for needle in [
+            "tenants[0].allowedModels[1]: tenant \"ns/acme\" allows \"gpt-5\"",
+            "tenants[0].modelQuotas[0].model: tenant \"ns/acme\" has a quota for \"gtp-4o\"",
+            "tenants[0].upstreamKeys[0].backend: tenant \"ns/acme\" has a key for backend \"secondary\"",
+            "tenants[0].upstreamKeys[1].model: tenant \"ns/acme\" has a key for \"o3\"",
+        ] {
+            assert!(err.contains(needle), "{needle} missing in {err}");
+        }
+        assert!(!err.contains("allowedModels[0]"), "{err}");
+    }
+
+    #[test]
+    fn the_schema_documents_every_field() {
+        let schema = serde_json::to_value(schemars::schema_for!(GatewayConfig)).unwrap();
+        let props = &schema["properties"];
+        for field in ["apiVersion", "listen", "secretsDir", "models", "limits"] {
+            assert!(props[field]["description"].is_string(), "{field}: {schema}");
+        }
+        assert_eq!(props["listen"]["default"], "0.0.0.0:8080");
+        // A secret source is a map with one of three keys, not the Rust enum.
+        let secret = &schema["$defs"]["SecretSource"]["properties"];
+        assert!(
+            secret["file"].is_object() && secret["env"].is_object(),
+            "{schema}"
+        );
     }
 
     #[test]

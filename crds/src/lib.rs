@@ -10,6 +10,7 @@
 
 pub mod chatbot;
 pub mod common;
+pub mod docs;
 pub mod gateway_config;
 pub mod model_route;
 pub mod money;

@@ -33,7 +33,8 @@ use crate::common::{CommonStatus, SecretKeyRef};
 #[x_kube(validation = Rule::new("!has(self.model) || !has(self.fallbacks) || !(self.model in self.fallbacks)").message("spec.fallbacks must not name the route's own model").field_path(".fallbacks"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelRouteSpec {
-    /// The model name clients send. Defaults to `metadata.name`.
+    /// The model name clients send (`model` in a request) [`metadata.name`]. Two
+    /// ModelRoutes a Chatbot selects must not serve the same model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub model: Option<String>,
@@ -41,25 +42,28 @@ pub struct ModelRouteSpec {
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub backends: Vec<Backend>,
-    /// Other models tried, in order, when this one cannot serve (followed transitively).
+    /// Other models tried, in order, when this one cannot serve (followed transitively,
+    /// skipping models the tenant may not use). Each must be served by the Chatbot, and
+    /// they must not form a cycle.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
     pub fallbacks: Vec<String>,
-    /// Attempts on this model before falling back.
+    /// Attempts on this model before falling back [2 attempts, backoff 100 ms to 2 s].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
-    /// Per-backend circuit breaker.
+    /// Per-backend circuit breaker [5 failures open it for 30 s].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
-    /// Output tokens used when a request sets no `max_tokens` (4096 when unset): sent
-    /// upstream where the provider needs it, and reserved by limits.
+    /// Output tokens assumed when a request sets no `max_tokens`: sent upstream where the
+    /// provider needs it (Anthropic), and reserved by token limits and budgets [4096].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000_000))]
     pub max_output_tokens: Option<u32>,
-    /// Prices in USD per million tokens, as decimal strings.
+    /// Prices in USD per million tokens, for cost accounting and budgets [absent = free].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
-    /// Exact-match response cache for requests with `temperature: 0` (absent = off).
+    /// Exact-match response cache, per tenant, for requests with `temperature: 0`
+    /// [absent = off].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<Cache>,
 }
@@ -68,7 +72,8 @@ pub struct ModelRouteSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Backend {
-    /// Unique name of the backend within the route.
+    /// Unique name of the backend within the route (the `backend` label of metrics and the
+    /// `x-parley-backend` response header).
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -80,14 +85,17 @@ pub struct Backend {
     /// appends `/chat/completions` (openai) or `/messages` (anthropic).
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub base_url: String,
-    /// Model name sent upstream. Defaults to the route's model.
+    /// Model name sent upstream [the route's model].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub upstream_model: Option<String>,
-    /// The provider API key.
+    /// The Secret key holding the provider API key, sent as `Authorization: Bearer`
+    /// (openai) or `x-api-key` (anthropic) [absent = no key sent]. A Tenant's
+    /// `upstreamKeys` entry replaces it for that tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
-    /// Share of traffic (default 1). 0 means: only used when the others are unavailable.
+    /// Share of traffic among the route's backends; 0 means: only used when the others are
+    /// unavailable [1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub weight: Option<u32>,
@@ -96,7 +104,8 @@ pub struct Backend {
     pub timeouts: Option<Timeouts>,
 }
 
-/// The wire API an upstream speaks.
+/// The API the backend speaks: `openai` (any OpenAI-compatible chat completions API) or
+/// `anthropic` (the Anthropic Messages API).
 #[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {

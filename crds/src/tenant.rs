@@ -44,7 +44,9 @@ pub struct TenantSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub api_keys: Vec<ApiKeyRef>,
-    /// Models the tenant may use (empty = all).
+    /// Models the tenant may use (empty = all); others are refused with 403 and skipped as
+    /// fallbacks. A Chatbot ignores entries for models it does not serve (another Chatbot
+    /// may serve them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
     #[x_kube(merge_strategy = ListMerge::Set)]

@@ -39,6 +39,8 @@ pub(super) fn gateway_config(
             models.push(model(route));
         }
     }
+    let served: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+    let tenants = tenants.iter().filter_map(|t| tenant(t, &served)).collect();
     let sessions = spec.sessions.clone().unwrap_or_default();
     let default_sessions = SessionsConfig::default();
     GatewayConfig {
@@ -50,7 +52,7 @@ pub(super) fn gateway_config(
         default_model: spec.default_model.clone(),
         system_prompt: spec.system_prompt.clone(),
         models,
-        tenants: tenants.iter().map(|t| tenant(t)).collect(),
+        tenants,
         redis: spec.redis.as_ref().map(|r| RedisConfig {
             url: secret_file(&r.url_secret_ref),
         }),
@@ -136,9 +138,16 @@ fn model(route: &ModelRoute) -> ModelConfig {
     }
 }
 
-fn tenant(tenant: &Tenant) -> TenantConfig {
+/// A Tenant's entry, keeping only what names a model this Chatbot serves (the gateway
+/// refuses entries naming no model, and a Tenant may be shared with other Chatbots).
+/// `None` when its `allowedModels` names none of them: it may use nothing here.
+fn tenant(tenant: &Tenant, served: &[&str]) -> Option<TenantConfig> {
     let spec = &tenant.spec;
-    TenantConfig {
+    let serves = |model: &str| served.contains(&model);
+    if !spec.allowed_models.is_empty() && !spec.allowed_models.iter().any(|m| serves(m)) {
+        return None;
+    }
+    Some(TenantConfig {
         id: format!(
             "{}/{}",
             tenant.namespace().unwrap_or_default(),
@@ -146,7 +155,12 @@ fn tenant(tenant: &Tenant) -> TenantConfig {
         ),
         display_name: spec.display_name.clone(),
         api_keys: tenant.api_key_refs().iter().map(secret_file).collect(),
-        allowed_models: spec.allowed_models.clone(),
+        allowed_models: spec
+            .allowed_models
+            .iter()
+            .filter(|m| serves(m))
+            .cloned()
+            .collect(),
         rate_limit: spec.rate_limit.as_ref().map(|r| RateLimitConfig {
             requests_per_minute: r.requests_per_minute,
             requests_per_hour: r.requests_per_hour,
@@ -156,6 +170,7 @@ fn tenant(tenant: &Tenant) -> TenantConfig {
         model_quotas: spec
             .model_quotas
             .iter()
+            .filter(|q| serves(&q.model))
             .map(|q| ModelQuotaConfig {
                 model: q.model.clone(),
                 requests_per_minute: q.requests_per_minute,
@@ -168,11 +183,12 @@ fn tenant(tenant: &Tenant) -> TenantConfig {
         upstream_keys: spec
             .upstream_keys
             .iter()
+            .filter(|k| serves(&k.model))
             .map(|k| UpstreamKeyConfig {
                 model: k.model.clone(),
                 backend: k.backend.clone(),
                 api_key: secret_file(&k.secret_ref),
             })
             .collect(),
-    }
+    })
 }

@@ -328,6 +328,31 @@ fn check_tenant(
             Some(_) => {}
         }
     }
+    // Entries for models this Chatbot does not serve are left out of its GatewayConfig
+    // (another Chatbot selecting the same Tenant may serve them).
+    let allowed = &tenant.spec.allowed_models;
+    for (i, model) in allowed.iter().enumerate() {
+        if !models.contains_key(model.as_str()) {
+            problems.push(Problem::warning(
+                object.clone(),
+                format!("spec.allowedModels[{i}]"),
+                format!(
+                    "{model:?} is not served by Chatbot {}; ignored here",
+                    input.chatbot.name_any()
+                ),
+            ));
+        }
+    }
+    if !allowed.is_empty() && !allowed.iter().any(|m| models.contains_key(m.as_str())) {
+        problems.push(Problem::warning(
+            object.clone(),
+            "spec.allowedModels",
+            format!(
+                "allows none of the models Chatbot {} serves; the tenant is left out of its config (its keys get 401 there)",
+                input.chatbot.name_any()
+            ),
+        ));
+    }
     if let Some(budget) = &tenant.spec.budget
         && let Err(e) = parse_usd_micros(&budget.monthly_usd)
     {

@@ -648,3 +648,44 @@ fn selects_tenant_applies_namespace_and_selector() {
     assert!(selects_tenant(&picky, &a) && !selects_tenant(&picky, &b));
     assert!(!selects_tenant(&all, &elsewhere));
 }
+
+#[test]
+fn tenant_entries_for_models_served_elsewhere_are_left_out() {
+    // One Tenant shared by two Chatbots: this one serves only `a`.
+    let shared = tenant(
+        "shared",
+        "allowedModels: [a, b], modelQuotas: [{model: b, requestsPerMinute: 1}], upstreamKeys: [{model: b, backend: primary, secretRef: {name: llm, key: k}}]",
+    );
+    let elsewhere = tenant("elsewhere", "allowedModels: [b]");
+    let rendered = run(
+        &chatbot("bot", ""),
+        &[route("a", &[])],
+        &[shared, elsewhere],
+    )
+    .unwrap();
+    assert_eq!(
+        rendered.tenants,
+        vec!["ns/shared"],
+        "{:?}",
+        rendered.warnings
+    );
+    let text = &rendered.config_map.data.as_ref().unwrap()["config.yaml"];
+    // The gateway would refuse entries naming no model of the config.
+    let config = parley_crds::GatewayConfig::from_yaml(text).unwrap();
+    let t = &config.tenants[0];
+    assert_eq!(t.allowed_models, vec!["a"]);
+    assert!(t.model_quotas.is_empty() && t.upstream_keys.is_empty());
+    for (object, field) in [
+        ("Tenant/ns/shared", "spec.allowedModels[1]"),
+        ("Tenant/ns/elsewhere", "spec.allowedModels"),
+    ] {
+        assert!(
+            rendered
+                .warnings
+                .iter()
+                .any(|w| w.object == object && w.field == field),
+            "no warning on {object} {field}: {:?}",
+            rendered.warnings
+        );
+    }
+}
