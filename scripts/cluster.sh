@@ -434,7 +434,15 @@ cmd_down() {
   done < <(our_processes)
   stop kube-proxy 10
   # Not `kube-proxy --cleanup`: that also flushes every IPVS rule of the machine.
-  cleanup_iptables
+  # The interfaces, routes and chains are the machine's one cluster's: leave them to
+  # the `down` of the directory that is up, if that is another one.
+  local owner=""
+  [ -e "$LOCK" ] && owner=$(cat "$LOCK")
+  if [ -n "$owner" ] && [ "$owner" != "$DIR" ]; then
+    log "the cluster's network belongs to $owner (up): leaving interfaces and iptables alone"
+  else
+    cleanup_iptables
+  fi
   stop cluster-dns 5
   stop kube-scheduler 5
   stop kube-controller-manager 5
@@ -448,10 +456,11 @@ cmd_down() {
 
   # Network: veths of pods that were not torn down, the bridges, the route.
   local link
+  [ -n "$owner" ] && [ "$owner" != "$DIR" ] && BRIDGE=none-of-ours NODE_IF=none-of-ours SERVICE_CIDR=
   for link in $(ip -o link show master "$BRIDGE" 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
     ip link del "$link" 2>/dev/null || true
   done
-  ip route del "$SERVICE_CIDR" dev "$BRIDGE" 2>/dev/null || true
+  [ -n "$SERVICE_CIDR" ] && { ip route del "$SERVICE_CIDR" dev "$BRIDGE" 2>/dev/null || true; }
   for link in "$BRIDGE" "$NODE_IF"; do
     ip link del "$link" 2>/dev/null || true
   done

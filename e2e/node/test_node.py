@@ -40,6 +40,13 @@ NS = "node-test"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the node needs root")
 
 
+def no_other_cluster():
+    """One test cluster per machine (fixed addresses): fail, never disturb another one."""
+    lock = Path("/run/parley-cluster.dir")
+    if lock.exists():
+        pytest.fail(f"a test cluster is up from {lock.read_text().strip()}: scripts/cluster.sh down it first")
+
+
 def host_state() -> dict:
     """What `up` may add to the machine and `down` must remove again (only what is
     recognisably the cluster's: the machine is shared, dockerd may add its own)."""
@@ -124,6 +131,7 @@ def http_get(url: str) -> str:
 def test_down_cleans_up_after_a_failed_up():
     """`up` fails at the image import (after the control plane and containerd started);
     the error names the archive, and `down` still removes everything."""
+    no_other_cluster()
     before = host_state()
     d = tempfile.mkdtemp(prefix="pn-", dir="/tmp")
     images = Path(d) / "images"
@@ -147,6 +155,7 @@ def test_down_cleans_up_after_a_failed_up():
 def cluster():
     if not (TEST_IMAGES / "nodetest.tar").exists():
         pytest.fail(f"{TEST_IMAGES}/nodetest.tar is missing: run `make cluster-tools`")
+    no_other_cluster()
     before = host_state()
     d = tempfile.mkdtemp(prefix="pn-", dir="/tmp")
     started = time.monotonic()
