@@ -296,43 +296,43 @@ cmd_up() {
     ip link show "$link" >/dev/null 2>&1 && die "interface $link exists: another test cluster? (scripts/cluster.sh down DIR)"
   done
   install_packages
-  local cp=${PARLEY_CONTROLPLANE_BIN:-$ROOT/target/controlplane/parley-controlplane}
+  local bin=${PARLEY_CONTROLPLANE_BIN:-$ROOT/target/controlplane/parley-controlplane}
   local pause_tar=$ROOT/target/cluster/pause.tar
   if [ -z "${PARLEY_CONTROLPLANE_BIN:-}" ] || [ ! -f "$pause_tar" ]; then
     make -s -C "$ROOT" cluster-tools >&2
   fi
-  [ -x "$cp" ] || die "$cp: not found (make cluster-tools)"
+  [ -x "$bin" ] || die "$bin: not found (make cluster-tools)"
   local images=${PARLEY_CLUSTER_IMAGES:-$ROOT/target/images}
 
-  mkdir -p "$DIR/run" "$DIR/logs"
-  echo "$DIR" >"$LOCK"
   local sock_len
   sock_len=$(containerd_sock | wc -c)
   [ "$sock_len" -lt 100 ] || die "DIR is too long for a unix socket path ($(containerd_sock)): use a shorter one"
+  mkdir -p "$DIR/run" "$DIR/logs"
+  echo "$DIR" >"$LOCK"
 
   setup_network
   write_configs
 
   log "starting the control plane"
-  start controlplane "$cp" --data-dir "$DIR/controlplane" --node-ip "$NODE_IP" --node-name "$NODE_NAME" \
+  start controlplane "$bin" --data-dir "$DIR/controlplane" --node-ip "$NODE_IP" --node-name "$NODE_NAME" \
     --service-cidr "$SERVICE_CIDR" --controllers=false
   wait_for 120 "control plane" controlplane grep -qx ready "$DIR/logs/controlplane.log"
   cp "$DIR/controlplane/kubeconfig" "$DIR/kubeconfig"
   local pki="$DIR/controlplane/pki"
-  start kube-controller-manager "$cp" kube-controller-manager --kubeconfig="$DIR/kubeconfig" \
+  start kube-controller-manager "$bin" kube-controller-manager --kubeconfig="$DIR/kubeconfig" \
     --leader-elect=false --secure-port=0 --use-service-account-credentials=false \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" \
     --horizontal-pod-autoscaler-sync-period=5s --v=1
-  start kube-scheduler "$cp" kube-scheduler --kubeconfig="$DIR/kubeconfig" --leader-elect=false --secure-port=0 --v=1
-  start cluster-dns "$cp" cluster-dns --kubeconfig="$DIR/kubeconfig" --listen="$NODE_IP:53"
+  start kube-scheduler "$bin" kube-scheduler --kubeconfig="$DIR/kubeconfig" --leader-elect=false --secure-port=0 --v=1
+  start cluster-dns "$bin" cluster-dns --kubeconfig="$DIR/kubeconfig" --listen="$NODE_IP:53"
 
   log "starting containerd"
   # Registry traffic goes to a closed local port: images are imported, never pulled.
   start containerd env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
     containerd --config "$DIR/containerd/config.toml"
   wait_for 30 "containerd socket" containerd ctr_ version
-  ctr_ images import "$pause_tar" >/dev/null
+  ctr_ images import "$pause_tar" >/dev/null || die "ctr images import $pause_tar failed"
   local tar n=0
   if [ -d "$images" ]; then
     for tar in "$images"/*.tar; do
@@ -345,17 +345,17 @@ cmd_up() {
   log "imported the pause image and $n image archive(s) from $images"
 
   log "starting the kubelet and kube-proxy"
-  start kubelet "$cp" kubelet --config="$DIR/kubelet/config.yaml" \
+  start kubelet "$bin" kubelet --config="$DIR/kubelet/config.yaml" \
     --kubeconfig="$DIR/controlplane/kubelet.kubeconfig" --root-dir="$DIR/kubelet/root" \
     --cert-dir="$DIR/kubelet/pki" --node-ip="$NODE_IP" --hostname-override="$NODE_NAME" --v=1
-  start kube-proxy "$cp" kube-proxy --kubeconfig="$DIR/controlplane/kube-proxy.kubeconfig" \
+  start kube-proxy "$bin" kube-proxy --kubeconfig="$DIR/controlplane/kube-proxy.kubeconfig" \
     --hostname-override="$NODE_NAME" --proxy-mode=iptables --cluster-cidr="$POD_CIDR" \
     --nodeport-addresses="$NODE_IP/32" --iptables-localhost-nodeports=false \
     --healthz-bind-address=127.0.0.1:10256 --metrics-bind-address=127.0.0.1:10249 \
     --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 --conntrack-tcp-timeout-close-wait=0 --v=1
 
   local timeout=${PARLEY_CLUSTER_TIMEOUT:-180}
-  if ! "$cp" wait-node --kubeconfig "$DIR/kubeconfig" --node "$NODE_NAME" --timeout "${timeout}s"; then
+  if ! "$bin" wait-node --kubeconfig "$DIR/kubeconfig" --node "$NODE_NAME" --timeout "${timeout}s"; then
     for p in kubelet kube-proxy kube-controller-manager containerd; do
       alive "$p" || log "$p is not running (log: $DIR/logs/$p.log)"
     done
@@ -415,12 +415,12 @@ unmount_all() {
 cmd_down() {
   [ "$(id -u)" = 0 ] || die "needs root"
   mkdir -p "$DIR/run"
-  local cp=${PARLEY_CONTROLPLANE_BIN:-$ROOT/target/controlplane/parley-controlplane}
+  local bin=${PARLEY_CONTROLPLANE_BIN:-$ROOT/target/controlplane/parley-controlplane}
   # The kubelet first, so that it restarts nothing; then every pod through CRI (which
   # tears down their networks and network namespaces), then containerd.
   stop kubelet 15
-  if alive containerd && [ -x "$cp" ]; then
-    "$cp" cri-cleanup --endpoint "unix://$(containerd_sock)" --timeout 60s || log "cri-cleanup failed; killing what is left"
+  if alive containerd && [ -x "$bin" ]; then
+    "$bin" cri-cleanup --endpoint "unix://$(containerd_sock)" --timeout 60s || log "cri-cleanup failed; killing what is left"
   fi
   stop containerd 15
   # Shims (and their containers) of this containerd that outlived it.
