@@ -307,6 +307,12 @@ cmd_up() {
   local sock_len
   sock_len=$(containerd_sock | wc -c)
   [ "$sock_len" -lt 100 ] || die "DIR is too long for a unix socket path ($(containerd_sock)): use a shorter one"
+  # A fresh cluster every time: what an earlier `up` left in DIR (etcd's pods and nodes,
+  # images, logs) goes, once nothing is mounted there any more.
+  if awk -v d="$DIR/" 'index($5, d) == 1 {found=1} END {exit !found}' /proc/self/mountinfo; then
+    die "something is mounted under $DIR: run scripts/cluster.sh down $DIR first"
+  fi
+  rm -rf "${DIR:?}/controlplane" "$DIR/containerd" "$DIR/kubelet" "$DIR/cni" "$DIR/logs" "$DIR/run" "$DIR/kubeconfig"
   mkdir -p "$DIR/run" "$DIR/logs"
   echo "$DIR" >"$LOCK"
 
