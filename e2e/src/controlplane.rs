@@ -16,7 +16,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Auditing: a control plane started by [`ControlPlane::start`] (the shared one included)
+//! writes an audit log (`DATA_DIR/audit.log`, see [`AUDIT_POLICY`], [`read_audit_log`])
+//! of every request made by a ServiceAccount, so a test can check what a component that
+//! runs as one (the operator, with a client from [`TestCluster::service_account_client`])
+//! asked the API server for.
+//!
 //! Environment:
+//! - `PARLEY_E2E_ALLOW_SKIP=1`: a test that cannot get a control plane (no Go, no binary)
+//!   is skipped, saying why on stderr. Without it, that is a failure.
 //! - `PARLEY_TEST_EXTERNAL_CLUSTER=1` with `KUBECONFIG`: use that cluster (its current context).
 //! - `PARLEY_CONTROLPLANE_BIN`: use this binary instead of building
 //!   `target/controlplane/parley-controlplane`.
@@ -53,7 +61,8 @@ pub const FIELD_MANAGER: &str = "parley-e2e";
 pub const TEST_NAMESPACE_LABEL: &str = "parley.dev/e2e";
 
 /// The control plane cannot be had on this machine: Go is not installed and no binary was
-/// built before. Tests skip on this error, and only on this one.
+/// built before. Tests skip on this error, and only on this one, and only when
+/// [`skipping_allowed`].
 #[derive(Debug, Clone)]
 pub struct Unavailable(pub String);
 
@@ -64,6 +73,26 @@ impl fmt::Display for Unavailable {
 }
 
 impl std::error::Error for Unavailable {}
+
+/// Whether a test may skip for want of a control plane: only when asked for with
+/// `PARLEY_E2E_ALLOW_SKIP=1` (a silent pass would hide that nothing was tested).
+pub fn skipping_allowed() -> bool {
+    std::env::var("PARLEY_E2E_ALLOW_SKIP").is_ok_and(|v| v == "1")
+}
+
+/// What a test does when the control plane is [`Unavailable`]: `Ok(())` (after saying on
+/// stderr that it skips, and why) when [`skipping_allowed`], otherwise an error that says
+/// how to get one or how to skip.
+pub fn skip_or_fail(why: &Unavailable) -> anyhow::Result<()> {
+    if skipping_allowed() {
+        eprintln!("SKIPPED (PARLEY_E2E_ALLOW_SKIP=1): {why}");
+        return Ok(());
+    }
+    bail!(
+        "{why}. This test needs a Kubernetes API server; set PARLEY_E2E_ALLOW_SKIP=1 to \
+         skip it instead"
+    )
+}
 
 /// The repository root (the parent of the `parley-e2e` crate).
 pub fn repo_root() -> PathBuf {
@@ -143,6 +172,7 @@ pub struct ControlPlane {
     data_dir: PathBuf,
     kubeconfig: PathBuf,
     stderr: Arc<Mutex<String>>,
+    audit_log: Option<PathBuf>,
 }
 
 fn keep_data() -> bool {
@@ -152,14 +182,26 @@ fn keep_data() -> bool {
 impl ControlPlane {
     /// Builds (if needed) and starts a control plane of its own, in a new temporary
     /// directory, and waits until it is ready. Blocking; takes a few seconds.
+    /// Its API server writes the audit log of [`AUDIT_POLICY`] ([`ControlPlane::audit_log`]).
     pub fn start() -> anyhow::Result<ControlPlane> {
         let bin = ensure_binary()?;
-        Self::start_with(&bin, &[])
+        Self::start_audited(&bin, &[])
     }
 
     /// Starts `bin` with extra flags (e.g. `--controllers=false`, or `--` followed by
-    /// kube-apiserver flags).
+    /// kube-apiserver flags). No audit log.
     pub fn start_with(bin: &Path, extra_args: &[&str]) -> anyhow::Result<ControlPlane> {
+        Self::spawn(bin, extra_args, false)
+    }
+
+    /// Like [`ControlPlane::start_with`], and the API server writes an audit log of
+    /// [`AUDIT_POLICY`] to `DATA_DIR/audit.log` (kube-apiserver's `--audit-policy-file`
+    /// and `--audit-log-path`, passed after `--`).
+    pub fn start_audited(bin: &Path, extra_args: &[&str]) -> anyhow::Result<ControlPlane> {
+        Self::spawn(bin, extra_args, true)
+    }
+
+    fn spawn(bin: &Path, extra_args: &[&str], audit: bool) -> anyhow::Result<ControlPlane> {
         let data_dir = tempfile::Builder::new()
             .prefix("parley-controlplane-")
             .tempdir()
@@ -172,8 +214,22 @@ impl ControlPlane {
         if !keep_data() {
             cmd.arg("--remove-data-dir");
         }
-        cmd.args(extra_args)
-            .stdin(Stdio::piped())
+        cmd.args(extra_args);
+        let audit_log = if audit {
+            let policy = data_dir.join("audit-policy.yaml");
+            std::fs::write(&policy, AUDIT_POLICY)
+                .with_context(|| format!("writing {}", policy.display()))?;
+            let log = data_dir.join("audit.log");
+            if !extra_args.contains(&"--") {
+                cmd.arg("--");
+            }
+            cmd.arg(format!("--audit-policy-file={}", policy.display()))
+                .arg(format!("--audit-log-path={}", log.display()));
+            Some(log)
+        } else {
+            None
+        };
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd
@@ -218,6 +274,7 @@ impl ControlPlane {
             kubeconfig: data_dir.join("kubeconfig"),
             data_dir,
             stderr,
+            audit_log,
         };
         let started = Instant::now();
         match rx.recv_timeout(READY_TIMEOUT) {
@@ -271,6 +328,11 @@ impl ControlPlane {
     /// The data directory: `kubeconfig`, `apiserver.log`, `pki/`, `etcd/`.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The audit log (JSON lines), when started with one.
+    pub fn audit_log(&self) -> Option<&Path> {
+        self.audit_log.as_deref()
     }
 
     /// A new client for the admin user. Make one per tokio runtime (per test): a client
@@ -360,14 +422,17 @@ pub fn external_cluster_requested() -> bool {
 
 #[derive(Clone)]
 enum Target {
-    Local(PathBuf),
+    Local {
+        kubeconfig: PathBuf,
+        audit_log: Option<PathBuf>,
+    },
     External,
 }
 
 impl Target {
     async fn client(&self) -> anyhow::Result<Client> {
         match self {
-            Target::Local(kubeconfig) => client_for_kubeconfig(kubeconfig).await,
+            Target::Local { kubeconfig, .. } => client_for_kubeconfig(kubeconfig).await,
             Target::External => {
                 let config = Config::from_kubeconfig(&KubeConfigOptions::default())
                     .await
@@ -397,7 +462,10 @@ impl TestCluster {
             Target::External
         } else {
             let cp = tokio::task::spawn_blocking(ControlPlane::shared).await??;
-            Target::Local(cp.kubeconfig().to_path_buf())
+            Target::Local {
+                kubeconfig: cp.kubeconfig().to_path_buf(),
+                audit_log: cp.audit_log().map(Path::to_path_buf),
+            }
         };
         let client = target.client().await?;
         let namespace = unique_namespace_name();
@@ -418,16 +486,14 @@ impl TestCluster {
         })
     }
 
-    /// Like [`TestCluster::start`], but `Ok(None)` (after printing why on stderr) when
-    /// there is no control plane because Go is missing: the test should then return.
+    /// Like [`TestCluster::start`], but when there is no control plane because Go is
+    /// missing: `Ok(None)` if skipping was asked for (`PARLEY_E2E_ALLOW_SKIP=1`; the test
+    /// should then return), an error otherwise. See [`skip_or_fail`].
     pub async fn start_or_skip() -> anyhow::Result<Option<TestCluster>> {
         match Self::start().await {
             Ok(c) => Ok(Some(c)),
             Err(e) => match e.downcast_ref::<Unavailable>() {
-                Some(u) => {
-                    eprintln!("SKIPPED: {u}");
-                    Ok(None)
-                }
+                Some(u) => skip_or_fail(u).map(|()| None),
                 None => Err(e),
             },
         }
@@ -442,7 +508,7 @@ impl TestCluster {
     /// `KUBECONFIG`).
     pub fn kubeconfig(&self) -> Option<&Path> {
         match &self.target {
-            Target::Local(p) => Some(p),
+            Target::Local { kubeconfig, .. } => Some(kubeconfig),
             Target::External => None,
         }
     }
@@ -450,7 +516,7 @@ impl TestCluster {
     /// A `kubectl` command aimed at this cluster (`$KUBECTL` or `kubectl` on the PATH).
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into()));
-        if let Target::Local(kubeconfig) = &self.target {
+        if let Target::Local { kubeconfig, .. } = &self.target {
             cmd.arg("--kubeconfig").arg(kubeconfig);
         }
         cmd.stdin(Stdio::null());
@@ -460,6 +526,69 @@ impl TestCluster {
     /// A new client for this cluster (for another runtime, or with other settings).
     pub async fn new_client(&self) -> anyhow::Result<Client> {
         self.target.client().await
+    }
+
+    /// The audit log of the local control plane (see [`AUDIT_POLICY`]); `None` on an
+    /// external cluster.
+    pub fn audit_log(&self) -> Option<&Path> {
+        match &self.target {
+            Target::Local { audit_log, .. } => audit_log.as_deref(),
+            Target::External => None,
+        }
+    }
+
+    /// The configuration of a client that authenticates as ServiceAccount
+    /// `namespace/name` with a bearer token from the TokenRequest API (valid for an
+    /// hour), as a pod running under that ServiceAccount would: the API server sees
+    /// (and audits) the ServiceAccount itself, not an impersonating admin.
+    pub async fn service_account_config(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<Config> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(3600),
+                ..TokenRequestSpec::default()
+            },
+            ..TokenRequest::default()
+        };
+        let token = Api::<ServiceAccount>::namespaced(self.client.clone(), namespace)
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{name}"))?
+            .status
+            .map(|s| s.token)
+            .ok_or_else(|| {
+                anyhow!("the TokenRequest for {namespace}/{name} came back without a token")
+            })?;
+        let mut config = match &self.target {
+            Target::Local { kubeconfig, .. } => {
+                let file = Kubeconfig::read_from(kubeconfig)
+                    .with_context(|| format!("reading kubeconfig {}", kubeconfig.display()))?;
+                Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
+            }
+            Target::External => Config::from_kubeconfig(&KubeConfigOptions::default()).await?,
+        };
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(token.into()),
+            ..kube::config::AuthInfo::default()
+        };
+        Ok(config)
+    }
+
+    /// A client that authenticates as ServiceAccount `namespace/name`; see
+    /// [`TestCluster::service_account_config`].
+    pub async fn service_account_client(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<Client> {
+        Ok(Client::try_from(
+            self.service_account_config(namespace, name).await?,
+        )?)
     }
 
     /// Deletes the test namespace (without waiting for it to be gone).
@@ -773,4 +902,144 @@ pub fn error_code(err: &anyhow::Error) -> Option<u16> {
         Some(kube::Error::Api(status)) => Some(status.code),
         _ => None,
     }
+}
+
+/// The audit policy of [`ControlPlane::start`]: every request of a ServiceAccount (the
+/// identity of a component under test, e.g. the operator) at level Metadata, which
+/// records who, verb, resource, namespace, name and response code; and lists of Secrets
+/// with their response (level RequestResponse), whose `kind` tells a metadata-only list
+/// (`PartialObjectMetadataList`) from one that carries the Secrets' data. Nothing of the
+/// admin user or of the control plane's own controllers is logged. Watches are streamed:
+/// their events carry no response body.
+///
+/// The audit policy is evaluated for the authenticated user, before impersonation, so
+/// requests that impersonate a ServiceAccount are not logged: authenticate as the
+/// ServiceAccount ([`TestCluster::service_account_client`]).
+pub const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+omitManagedFields: true
+rules:
+- level: None
+  userGroups: [\"system:serviceaccounts:kube-system\"]
+- level: RequestResponse
+  userGroups: [\"system:serviceaccounts\"]
+  verbs: [list]
+  resources: [{group: \"\", resources: [secrets]}]
+- level: Metadata
+  userGroups: [\"system:serviceaccounts\"]
+- level: None
+";
+
+/// One event of the audit log (the fields tests look at).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    /// `ResponseStarted` (watches) or `ResponseComplete`, `Panic`.
+    #[serde(default)]
+    pub stage: String,
+    /// `get`, `list`, `watch`, `create`, `patch`, `update`, `delete`, ...
+    #[serde(default)]
+    pub verb: String,
+    /// Path and query of the request.
+    #[serde(default)]
+    pub request_uri: String,
+    /// Who authenticated.
+    pub user: AuditUser,
+    /// Whom they impersonated, if anyone.
+    #[serde(default)]
+    pub impersonated_user: Option<AuditUser>,
+    /// What the request was about (absent for non-resource URLs such as `/version`).
+    #[serde(default)]
+    pub object_ref: Option<AuditObjectRef>,
+    /// The answer's status.
+    #[serde(default)]
+    pub response_status: Option<AuditStatus>,
+    /// The answer's body (level RequestResponse only).
+    #[serde(default)]
+    pub response_object: Option<serde_json::Value>,
+}
+
+/// A user of an [`AuditEvent`].
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct AuditUser {
+    /// User name, e.g. `system:serviceaccount:ns:name`.
+    #[serde(default)]
+    pub username: String,
+    /// Groups.
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// The object of an [`AuditEvent`].
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditObjectRef {
+    /// Plural resource, e.g. `secrets`.
+    #[serde(default)]
+    pub resource: String,
+    /// API group (empty for the core group).
+    #[serde(default)]
+    pub api_group: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Name (absent for lists, watches and creates by POST).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Subresource, e.g. `status`.
+    #[serde(default)]
+    pub subresource: Option<String>,
+}
+
+/// The response status of an [`AuditEvent`].
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct AuditStatus {
+    /// HTTP status code.
+    #[serde(default)]
+    pub code: Option<u16>,
+}
+
+impl AuditEvent {
+    /// The user the request acted as: the impersonated one, or who authenticated.
+    pub fn acting_user(&self) -> &str {
+        self.impersonated_user
+            .as_ref()
+            .map_or(self.user.username.as_str(), |u| u.username.as_str())
+    }
+
+    /// The HTTP status code of the answer, if it was recorded.
+    pub fn code(&self) -> Option<u16> {
+        self.response_status.as_ref().and_then(|s| s.code)
+    }
+
+    /// `resource` or `resource/subresource`.
+    pub fn resource(&self) -> String {
+        match &self.object_ref {
+            None => String::new(),
+            Some(o) => match o.subresource.as_deref().filter(|s| !s.is_empty()) {
+                Some(sub) => format!("{}/{sub}", o.resource),
+                None => o.resource.clone(),
+            },
+        }
+    }
+}
+
+/// The events of an audit log. A last line still being written is left out.
+pub fn read_audit_log(path: &Path) -> anyhow::Result<Vec<AuditEvent>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the audit log {}", path.display()))?;
+    let mut events = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<AuditEvent>(line) {
+            Ok(event) => events.push(event),
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => bail!("{}: line {}: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(events)
 }

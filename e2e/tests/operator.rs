@@ -1,7 +1,19 @@
 //! The operator's controllers against a real kube-apiserver (`e2e/controlplane`): each
-//! test runs the controllers in-process, *as the operator's ServiceAccount* bound to the
-//! ClusterRole of `config/rbac/role.yaml` (impersonation), so a verb missing from the
-//! role fails the tests. Skips only when the control plane cannot be built (no Go).
+//! test runs the controllers in-process, *as the operator's ServiceAccount* (a bearer
+//! token from the TokenRequest API) bound to the ClusterRole of `config/rbac/role.yaml`,
+//! so a verb missing from the role fails the tests. Skips only when the control plane
+//! cannot be built (no Go) and `PARLEY_E2E_ALLOW_SKIP=1`.
+//!
+//! Least privilege with Secrets, checked after every test (see [`check_secret_use`]):
+//! - from the API server's audit log (what the server saw, by the ServiceAccount): no
+//!   request was refused (403); every list of Secrets answered a
+//!   `PartialObjectMetadataList` (no data); every Secret it got is one that a Chatbot,
+//!   Tenant or ModelRoute of the test names; the value of a Secret nothing names never
+//!   appears in a response;
+//! - from the operator's own HTTP requests (recorded by a layer of its client): every
+//!   list *and watch* of Secrets asked for metadata only (`Accept: ...;as=
+//!   PartialObjectMetadata[List]...`). Watches are streamed, so the audit log records no
+//!   response body for them; their Accept header is what decides what the server sends.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,7 +22,7 @@
     clippy::print_stdout
 )]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +36,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Resource, ResourceExt};
 use parley_crds::{Chatbot, ModelRoute, Tenant};
 use parley_e2e::controlplane::{self, TestCluster, apply_crds, apply_yaml, yaml_documents};
@@ -67,29 +78,298 @@ fn sample_secret_values() -> Vec<String> {
 }
 
 /// Runs `body` with a fresh namespace, the CRDs and the operator's RBAC installed, and a
-/// client impersonating the operator's ServiceAccount. Bounded by [`TEST_TIMEOUT`].
+/// client that authenticates as the operator's ServiceAccount. Bounded by
+/// [`TEST_TIMEOUT`]. Afterwards checks what the operator did with Secrets
+/// ([`check_secret_use`]).
 async fn with_cluster<F, Fut>(body: F) -> anyhow::Result<()>
 where
     F: FnOnce(TestCluster, Client) -> Fut,
     Fut: Future<Output = anyhow::Result<TestCluster>>,
 {
+    with_cluster_checked(body).await.map(|_| ())
+}
+
+/// [`with_cluster`], returning what the operator did with Secrets (`None` when skipped).
+async fn with_cluster_checked<F, Fut>(body: F) -> anyhow::Result<Option<SecretUse>>
+where
+    F: FnOnce(TestCluster, Client) -> Fut,
+    Fut: Future<Output = anyhow::Result<TestCluster>>,
+{
     let Some(cluster) = TestCluster::start_or_skip().await? else {
-        return Ok(());
+        return Ok(None);
     };
     apply_crds(&cluster.client, &read("config/crd/parley-crds.yaml")).await?;
     let binding = install_rbac(&cluster).await?;
-    let operator_client = impersonating_client(&cluster).await?;
-    wait_for_rbac(&operator_client, &cluster.namespace).await?;
+    let ns = cluster.namespace.clone();
+    // A Secret that nothing names: the operator must never read it.
+    apply(&cluster.client, &ns, &unnamed_secret()).await?;
+    let requests = Requests::default();
+    let operator_client = requests
+        .client(cluster.service_account_config(&ns, SERVICE_ACCOUNT).await?)
+        .context("building the operator's client")?;
+    wait_for_rbac(&operator_client, &ns).await?;
     let admin = cluster.client.clone();
     let result = tokio::time::timeout(TEST_TIMEOUT, body(cluster, operator_client)).await;
     let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin)
         .delete(&binding, &DeleteParams::default())
         .await;
-    match result {
+    let cluster = match result {
         Err(_) => bail!("test did not finish within {TEST_TIMEOUT:?}"),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(cluster)) => cluster.cleanup().await,
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(cluster)) => cluster,
+    };
+    let used = check_secret_use(&cluster, &requests).await?;
+    cluster.cleanup().await?;
+    Ok(Some(used))
+}
+
+/// The operator's ServiceAccount (in the test namespace).
+const SERVICE_ACCOUNT: &str = "parley-operator";
+/// The Secret no object names, and its value.
+const UNNAMED_SECRET: &str = "nobody-names-this";
+const UNNAMED_VALUE: &str = "unnamed-secret-value-3f9c1a";
+
+fn unnamed_secret() -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {UNNAMED_SECRET}}}\nstringData: {{key: {UNNAMED_VALUE}, api-key: {UNNAMED_VALUE}}}\n"
+    )
+}
+
+/// Every object each test namespace was given through [`apply`].
+static APPLIED: std::sync::Mutex<BTreeMap<String, Vec<serde_json::Value>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Applies `yaml` to `ns` (as `apply_yaml`) and remembers its objects, from which
+/// [`named_secrets`] learns which Secrets the test's objects name.
+async fn apply(
+    client: &Client,
+    ns: &str,
+    yaml: &str,
+) -> anyhow::Result<Vec<kube::api::DynamicObject>> {
+    let docs = yaml_documents(yaml)?;
+    if let Ok(mut applied) = APPLIED.lock() {
+        applied.entry(ns.to_string()).or_default().extend(docs);
     }
+    apply_yaml(client, ns, yaml).await
+}
+
+/// The Secrets that the Chatbots, Tenants and ModelRoutes applied to `ns` name, read
+/// from their YAML (independently of the operator's code): Chatbot `spec.redis.
+/// urlSecretRef`, `spec.usage.postgresUrlSecretRef`; Tenant `spec.apiKeys[].secretRef`
+/// (none: the generated `<tenant>-api-key`), `spec.upstreamKeys[].secretRef`;
+/// ModelRoute `spec.backends[].apiKeySecretRef`.
+fn named_secrets(ns: &str) -> BTreeSet<String> {
+    let docs = APPLIED
+        .lock()
+        .map(|a| a.get(ns).cloned().unwrap_or_default())
+        .unwrap_or_default();
+    let mut names = BTreeSet::new();
+    let mut add = |v: &serde_json::Value| {
+        if let Some(name) = v.as_str() {
+            names.insert(name.to_string());
+        }
+    };
+    for doc in &docs {
+        let spec = &doc["spec"];
+        match doc["kind"].as_str().unwrap_or_default() {
+            "Chatbot" => {
+                add(&spec["redis"]["urlSecretRef"]["name"]);
+                add(&spec["usage"]["postgresUrlSecretRef"]["name"]);
+            }
+            "Tenant" => {
+                let keys = spec["apiKeys"].as_array().cloned().unwrap_or_default();
+                if keys.is_empty() {
+                    let tenant = doc["metadata"]["name"].as_str().unwrap_or_default();
+                    add(&format!("{tenant}-api-key").into());
+                }
+                for key in keys {
+                    add(&key["secretRef"]["name"]);
+                }
+                for key in spec["upstreamKeys"].as_array().into_iter().flatten() {
+                    add(&key["secretRef"]["name"]);
+                }
+            }
+            "ModelRoute" => {
+                for backend in spec["backends"].as_array().into_iter().flatten() {
+                    add(&backend["apiKeySecretRef"]["name"]);
+                }
+            }
+            _ => {}
+        }
+    }
+    names
+}
+
+/// One HTTP request of the operator's client.
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: String,
+    uri: String,
+    accept: String,
+}
+
+/// Records every request of a client (a tower layer in front of kube's stack).
+#[derive(Clone, Default)]
+struct Requests(Arc<std::sync::Mutex<Vec<Recorded>>>);
+
+impl Requests {
+    fn client(&self, config: kube::Config) -> anyhow::Result<Client> {
+        let log = Arc::clone(&self.0);
+        let layer =
+            tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+                let recorded = Recorded {
+                    method: request.method().to_string(),
+                    uri: request.uri().to_string(),
+                    accept: request
+                        .headers()
+                        .get(http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string(),
+                };
+                if let Ok(mut log) = log.lock() {
+                    log.push(recorded);
+                }
+                request
+            });
+        Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&layer)
+            .build())
+    }
+
+    fn all(&self) -> Vec<Recorded> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// What the operator did with Secrets in one test.
+#[derive(Debug, Default)]
+struct SecretUse {
+    /// Verbs of its Secret requests, from the audit log (empty on an external cluster).
+    verbs: BTreeSet<String>,
+    /// The Secrets it got.
+    got: BTreeSet<String>,
+    /// Lists and watches of Secrets it sent (from its client).
+    lists: usize,
+    watches: usize,
+}
+
+/// Whether `path` (no query) is a collection of Secrets (a list or watch, not one Secret).
+fn is_secret_collection(path: &str) -> bool {
+    path == "/api/v1/secrets"
+        || path
+            .strip_prefix("/api/v1/namespaces/")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(_, tail)| tail == "secrets")
+}
+
+/// Checks what the operator (the test's ServiceAccount) did with Secrets; see the module
+/// documentation. The audit log half runs only on the local control plane.
+async fn check_secret_use(cluster: &TestCluster, requests: &Requests) -> anyhow::Result<SecretUse> {
+    let ns = &cluster.namespace;
+    let mut used = SecretUse::default();
+    let mut problems = Vec::new();
+    for r in requests.all() {
+        let (path, query) = r.uri.split_once('?').unwrap_or((r.uri.as_str(), ""));
+        if r.method != "GET" || !is_secret_collection(path) {
+            continue;
+        }
+        let watch = query
+            .split('&')
+            .any(|p| p == "watch=true" || p == "watch=1");
+        let want = if watch {
+            used.watches += 1;
+            "as=PartialObjectMetadata;"
+        } else {
+            used.lists += 1;
+            "as=PartialObjectMetadataList;"
+        };
+        if !r.accept.contains(want) {
+            problems.push(format!(
+                "{} of Secrets with data: GET {} (Accept: {:?})",
+                if watch { "a watch" } else { "a list" },
+                r.uri,
+                r.accept
+            ));
+        }
+    }
+    if let Some(log) = cluster.audit_log() {
+        // The last requests' events are written as their answers go out.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let user = format!("system:serviceaccount:{ns}:{SERVICE_ACCOUNT}");
+        let events: Vec<_> = controlplane::read_audit_log(log)?
+            .into_iter()
+            .filter(|e| e.acting_user() == user)
+            .collect();
+        ensure!(
+            !events.is_empty(),
+            "the audit log {} has no request of {user}",
+            log.display()
+        );
+        let named = named_secrets(ns);
+        // Secret data travels base64-encoded.
+        let unnamed_value_base64 =
+            serde_json::to_value(k8s_openapi::ByteString(UNNAMED_VALUE.as_bytes().to_vec()))?
+                .as_str()
+                .unwrap_or(UNNAMED_VALUE)
+                .to_string();
+        for e in &events {
+            if e.code() == Some(403) {
+                problems.push(format!("refused (403): {} {}", e.verb, e.request_uri));
+            }
+            if e.resource() != "secrets" {
+                continue;
+            }
+            let object = e.object_ref.clone().unwrap_or_default();
+            used.verbs.insert(e.verb.clone());
+            if object.namespace.as_deref() != Some(ns.as_str()) {
+                problems.push(format!(
+                    "a Secret request outside the operator's namespace: {} {}",
+                    e.verb, e.request_uri
+                ));
+            }
+            if let Some(body) = &e.response_object
+                && (body.to_string().contains(UNNAMED_VALUE)
+                    || body.to_string().contains(&unnamed_value_base64))
+            {
+                problems.push(format!(
+                    "the value of {UNNAMED_SECRET} was sent to the operator: {} {}",
+                    e.verb, e.request_uri
+                ));
+            }
+            match e.verb.as_str() {
+                "list" if e.stage == "ResponseComplete" && e.code() == Some(200) => {
+                    let kind = e
+                        .response_object
+                        .as_ref()
+                        .and_then(|b| b["kind"].as_str())
+                        .unwrap_or("(no response recorded)");
+                    if kind != "PartialObjectMetadataList" {
+                        problems.push(format!(
+                            "a list of Secrets answered {kind}, not PartialObjectMetadataList: {}",
+                            e.request_uri
+                        ));
+                    }
+                }
+                "get" => {
+                    let name = object.name.clone().unwrap_or_default();
+                    if !named.contains(&name) {
+                        problems.push(format!(
+                            "got Secret {name:?}, which no Chatbot, Tenant or ModelRoute names (named: {named:?})"
+                        ));
+                    }
+                    used.got.insert(name);
+                }
+                _ => {}
+            }
+        }
+    }
+    ensure!(
+        problems.is_empty(),
+        "the operator's Secret requests:\n{}",
+        problems.join("\n")
+    );
+    Ok(used)
 }
 
 /// The ClusterRole from config/rbac, the ServiceAccount in the test namespace, and a
@@ -98,7 +378,7 @@ async fn install_rbac(cluster: &TestCluster) -> anyhow::Result<String> {
     let ns = &cluster.namespace;
     apply_yaml(&cluster.client, ns, &read("config/rbac/role.yaml")).await?;
     let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "parley-operator", "namespace": ns}
+        "metadata": {"name": SERVICE_ACCOUNT, "namespace": ns}
     }))?;
     Api::<ServiceAccount>::namespaced(cluster.client.clone(), ns)
         .create(&PostParams::default(), &sa)
@@ -112,27 +392,6 @@ async fn install_rbac(cluster: &TestCluster) -> anyhow::Result<String> {
     binding["subjects"][0]["namespace"] = ns.clone().into();
     apply_yaml(&cluster.client, ns, &serde_yaml::to_string(&binding)?).await?;
     Ok(name)
-}
-
-async fn impersonating_client(cluster: &TestCluster) -> anyhow::Result<Client> {
-    let mut config = match cluster.kubeconfig() {
-        Some(path) => {
-            kube::Config::from_custom_kubeconfig(
-                Kubeconfig::read_from(path)?,
-                &KubeConfigOptions::default(),
-            )
-            .await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let ns = &cluster.namespace;
-    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:parley-operator"));
-    config.auth_info.impersonate_groups = Some(vec![
-        "system:serviceaccounts".into(),
-        format!("system:serviceaccounts:{ns}"),
-        "system:authenticated".into(),
-    ]);
-    Ok(Client::try_from(config)?)
 }
 
 /// RBAC takes a moment to see a new binding.
@@ -253,7 +512,12 @@ async fn render_live(client: &Client, ns: &str, name: &str) -> anyhow::Result<re
         .list(&ListParams::default())
         .await?
         .items;
-    let secrets = op::secret_keys(client, ns).await?;
+    let secrets = op::secret_keys(
+        client,
+        ns,
+        op::referenced_secrets(&chatbot, &routes, &tenants),
+    )
+    .await?;
     let input = RenderInput {
         chatbot: &chatbot,
         model_routes: &routes,
@@ -285,7 +549,7 @@ async fn samples_are_reconciled_owned_keyed_and_collected() -> anyhow::Result<()
         let ns = cluster.namespace.clone();
         let admin = cluster.client.clone();
         let operator = Operator::start(operator_client, &ns);
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             &samples(&[
@@ -395,7 +659,7 @@ async fn samples_are_reconciled_owned_keyed_and_collected() -> anyhow::Result<()
         }
 
         // A new ModelRoute is picked up; deleting it updates the ConfigMap again.
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             "apiVersion: parley.dev/v1alpha1\nkind: ModelRoute\nmetadata:\n  name: extra\n  labels: {parley.dev/chatbot: support}\nspec:\n  backends:\n  - {name: a, provider: openai, baseUrl: 'https://example.com/v1'}\n",
@@ -475,7 +739,7 @@ async fn autoscaling_on_keeps_replicas_and_off_prunes_hpa_and_pdb() -> anyhow::R
         let ns = cluster.namespace.clone();
         let admin = cluster.client.clone();
         let operator = Operator::start(operator_client, &ns);
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             &samples(&["00-secrets.yaml", "10-modelroutes.yaml", "20-tenants.yaml"]),
@@ -487,7 +751,7 @@ async fn autoscaling_on_keeps_replicas_and_off_prunes_hpa_and_pdb() -> anyhow::R
         let pdbs = Api::<PodDisruptionBudget>::namespaced(admin.clone(), &ns);
         let name = "scaler-gateway";
 
-        apply_yaml(&admin, &ns, SCALER_FIXED).await?;
+        apply(&admin, &ns, SCALER_FIXED).await?;
         chatbot_ready(&chatbots, "scaler", "True").await?;
         let d = deployments.get(name).await?;
         assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(3));
@@ -500,7 +764,7 @@ async fn autoscaling_on_keeps_replicas_and_off_prunes_hpa_and_pdb() -> anyhow::R
 
         // Autoscaling on: the HPA appears and replicas stay at 3 (no reset to 1), owned
         // no longer by the operator's manifest but by the hand-over manager.
-        apply_yaml(&admin, &ns, SCALER_AUTO).await?;
+        apply(&admin, &ns, SCALER_AUTO).await?;
         eventually("the HPA", || async { Ok(hpas.get_opt(name).await?) }).await?;
         chatbot_ready(&chatbots, "scaler", "True").await?;
         let d = deployments.get(name).await?;
@@ -523,7 +787,7 @@ async fn autoscaling_on_keeps_replicas_and_off_prunes_hpa_and_pdb() -> anyhow::R
         assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(3));
 
         // Back to one fixed replica: HPA and PDB are pruned.
-        apply_yaml(&admin, &ns, SCALER_ONE).await?;
+        apply(&admin, &ns, SCALER_ONE).await?;
         eventually("HPA and PDB to be deleted", || async {
             Ok(
                 (hpas.get_opt(name).await?.is_none() && pdbs.get_opt(name).await?.is_none())
@@ -545,13 +809,13 @@ async fn operator_only_errors_give_invalid_spec_and_an_event() -> anyhow::Result
         let ns = cluster.namespace.clone();
         let admin = cluster.client.clone();
         let operator = Operator::start(operator_client, &ns);
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             &samples(&["00-secrets.yaml", "10-modelroutes.yaml", "20-tenants.yaml"]),
         )
         .await?;
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             "apiVersion: parley.dev/v1alpha1\nkind: Chatbot\nmetadata: {name: broken}\nspec:\n  defaultModel: no-such-model\n",
@@ -587,7 +851,7 @@ async fn operator_only_errors_give_invalid_spec_and_an_event() -> anyhow::Result
         );
 
         // Fixing the spec makes it Ready.
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             "apiVersion: parley.dev/v1alpha1\nkind: Chatbot\nmetadata: {name: broken}\nspec:\n  defaultModel: gpt-4o\n",
@@ -606,20 +870,20 @@ async fn failed_apply_gives_apply_failed_and_is_retried() -> anyhow::Result<()> 
         let ns = cluster.namespace.clone();
         let admin = cluster.client.clone();
         // A Deployment in the way whose selector (immutable) differs from the rendered one.
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: blocked-gateway}\nspec:\n  selector: {matchLabels: {app: other}}\n  template:\n    metadata: {labels: {app: other}}\n    spec: {containers: [{name: c, image: busybox}]}\n",
         )
         .await?;
         let operator = Operator::start(operator_client, &ns);
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             &samples(&["00-secrets.yaml", "10-modelroutes.yaml", "20-tenants.yaml"]),
         )
         .await?;
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             "apiVersion: parley.dev/v1alpha1\nkind: Chatbot\nmetadata: {name: blocked}\nspec:\n  defaultModel: gpt-4o\n",
@@ -693,11 +957,65 @@ async fn leader_election_takes_and_releases_the_lease() -> anyhow::Result<()> {
     .await
 }
 
-#[test]
-fn rbac_yaml_names_every_kind_the_operator_touches() {
-    let docs = yaml_documents(&read("config/rbac/role.yaml")).unwrap();
+/// The checks of [`check_secret_use`] can fail: a client of the ServiceAccount that lists
+/// and watches Secrets with their data and gets one that nothing names is caught, by its
+/// own requests and by the audit log.
+#[tokio::test]
+async fn secret_checks_catch_full_lists_and_watches_and_unnamed_gets() -> anyhow::Result<()> {
+    use kube::api::WatchParams;
+    let Some(cluster) = TestCluster::start_or_skip().await? else {
+        return Ok(());
+    };
+    let ns = cluster.namespace.clone();
+    apply_crds(&cluster.client, &read("config/crd/parley-crds.yaml")).await?;
+    let binding = install_rbac(&cluster).await?;
+    apply(&cluster.client, &ns, &unnamed_secret()).await?;
+    let requests = Requests::default();
+    let client = requests.client(cluster.service_account_config(&ns, SERVICE_ACCOUNT).await?)?;
+    wait_for_rbac(&client, &ns).await?;
+    // What the operator never does.
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let listed = secrets.list(&ListParams::default()).await?;
+    assert!(listed.items.iter().any(|s| s.name_any() == UNNAMED_SECRET));
+    secrets.get(UNNAMED_SECRET).await?;
+    // The server has answered (headers) when `watch` returns; the stream is not read.
+    let watch = secrets
+        .watch(&WatchParams::default().timeout(1), "0")
+        .await?;
+    drop(watch);
+    let outcome = check_secret_use(&cluster, &requests).await;
+    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(cluster.client.clone())
+        .delete(&binding, &DeleteParams::default())
+        .await;
+    let text = match outcome {
+        Ok(used) => {
+            bail!("the checks let a full list, a full watch and an unnamed get pass: {used:?}")
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    for want in [
+        "a list of Secrets with data",
+        "a watch of Secrets with data",
+    ] {
+        assert!(text.contains(want), "{want:?} not in {text}");
+    }
+    if cluster.audit_log().is_some() {
+        for want in [
+            "a list of Secrets answered SecretList".to_string(),
+            format!("got Secret {UNNAMED_SECRET:?}"),
+            format!("the value of {UNNAMED_SECRET} was sent"),
+        ] {
+            assert!(text.contains(&want), "{want:?} not in {text}");
+        }
+    }
+    cluster.cleanup().await
+}
+
+/// Every `(apiGroup, resource) -> verbs` a ClusterRole of `path` grants.
+fn granted(path: &str) -> BTreeMap<(String, String), BTreeSet<String>> {
+    let docs = yaml_documents(&read(path)).unwrap();
     let rules = docs[0]["rules"].as_array().unwrap();
-    let mut granted: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for rule in rules {
         for group in rule["apiGroups"].as_array().unwrap() {
             for resource in rule["resources"].as_array().unwrap() {
@@ -716,48 +1034,57 @@ fn rbac_yaml_names_every_kind_the_operator_touches() {
             }
         }
     }
-    let need = |group: &str, resource: &str, verbs: &[&str]| {
-        let have = granted
-            .get(&(group.to_string(), resource.to_string()))
-            .unwrap_or_else(|| panic!("no rule for {group}/{resource}"));
-        for v in verbs {
-            assert!(have.iter().any(|h| h == v), "{group}/{resource} lacks {v}");
-        }
+    granted
+}
+
+/// The ClusterRole is exactly the minimum the operator's code calls for: each verb
+/// below is one a code path uses (a verb more or less fails this test, and a verb less
+/// than the code uses fails the tests above, which run as the ServiceAccount). Secrets:
+/// the operator's use of each verb is checked against the audit log in every test, and
+/// the Kong test shows each of them in use.
+#[test]
+fn rbac_grants_exactly_what_the_operator_uses() {
+    let crud = ["list", "watch", "create", "patch", "delete"];
+    let mut expected: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut grant = |group: &str, resource: &str, verbs: &[&str]| {
+        expected
+            .entry((group.into(), resource.into()))
+            .or_default()
+            .extend(verbs.iter().map(|v| v.to_string()));
     };
-    for (g, r) in [
-        ("apps", "deployments"),
-        ("", "services"),
-        ("", "configmaps"),
-        ("", "serviceaccounts"),
-        ("autoscaling", "horizontalpodautoscalers"),
-        ("policy", "poddisruptionbudgets"),
-    ] {
-        need(g, r, &["get", "list", "watch", "create", "patch", "delete"]);
-    }
-    need(
-        "",
-        "secrets",
-        &["get", "list", "watch", "create", "patch", "delete"],
-    );
-    let secrets = &granted[&(String::new(), "secrets".to_string())];
-    assert!(
-        !secrets.iter().any(|v| v == "update"),
-        "Secrets are only created, or applied (Kong credentials): never updated"
-    );
-    need(
-        "networking.k8s.io",
-        "ingresses",
-        &["get", "list", "watch", "create", "patch", "delete"],
-    );
-    for r in ["kongplugins", "kongconsumers"] {
-        need("configuration.konghq.com", r, &["list", "patch", "delete"]);
-    }
     for r in ["chatbots", "tenants", "modelroutes"] {
-        need("parley.dev", r, &["get", "list", "watch"]);
-        need("parley.dev", &format!("{r}/status"), &["patch"]);
+        // Watched by the controllers; listed in reconciles. Never read by name.
+        grant("parley.dev", r, &["list", "watch"]);
+        grant("parley.dev", &format!("{r}/status"), &["patch"]);
     }
-    need("events.k8s.io", "events", &["create", "patch"]);
-    need("coordination.k8s.io", "leases", &["get", "create", "patch"]);
+    // Owner references with blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
+    grant("parley.dev", "chatbots/finalizers", &["update"]);
+    grant("parley.dev", "tenants/finalizers", &["update"]);
+    // Owned children: watched, applied (create when the apply makes them), pruned. A
+    // Deployment is read before its replicas are handed to an HPA.
+    grant("apps", "deployments", &crud);
+    grant("apps", "deployments", &["get"]);
+    for r in ["services", "configmaps", "serviceaccounts"] {
+        grant("", r, &crud);
+    }
+    grant("autoscaling", "horizontalpodautoscalers", &crud);
+    grant("policy", "poddisruptionbudgets", &crud);
+    grant("networking.k8s.io", "ingresses", &crud);
+    // Secrets: list/watch metadata only, get named ones, create the generated key and
+    // Kong credentials, patch and delete Kong credentials. Never update.
+    grant("", "secrets", &crud);
+    grant("", "secrets", &["get"]);
+    // Kong kinds are applied and pruned by label, never watched or read by name.
+    for r in ["kongplugins", "kongconsumers"] {
+        grant(
+            "configuration.konghq.com",
+            r,
+            &["list", "create", "patch", "delete"],
+        );
+    }
+    grant("events.k8s.io", "events", &["create", "patch"]);
+    grant("coordination.k8s.io", "leases", &["get", "create", "patch"]);
+    assert_eq!(granted("config/rbac/role.yaml"), expected);
 }
 
 /// Minimal stand-ins for Kong's CRDs (group configuration.konghq.com, schema-less), enough
@@ -869,7 +1196,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
     use kube::api::DynamicObject;
     use parley_operator::render::{KongConsumer, KongPlugin};
 
-    with_cluster(|cluster, operator_client| async move {
+    let used = with_cluster_checked(|cluster, operator_client| async move {
         let ns = cluster.namespace.clone();
         let admin = cluster.client.clone();
         let crds = Api::<CustomResourceDefinition>::all(admin.clone());
@@ -878,7 +1205,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
             .await?
             .is_some();
         let operator = Operator::start(operator_client, &ns);
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             &samples(&["00-secrets.yaml", "10-modelroutes.yaml", "20-tenants.yaml"]),
@@ -887,7 +1214,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         let chatbots = Api::<Chatbot>::namespaced(admin.clone(), &ns);
         let ingresses = Api::<Ingress>::namespaced(admin.clone(), &ns);
         let secrets = Api::<Secret>::namespaced(admin.clone(), &ns);
-        apply_yaml(&admin, &ns, &kong_chatbot(KONG_FULL, "1")).await?;
+        apply(&admin, &ns, &kong_chatbot(KONG_FULL, "1")).await?;
 
         if !kong_installed {
             // No Kong CRDs: KongReady=False/KongUnavailable, a Warning Event, and
@@ -925,7 +1252,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
             }
             apply_crds(&admin, KONG_CRDS).await?;
             // Any change reconciles again (the retry also comes on its own, later).
-            apply_yaml(&admin, &ns, &kong_chatbot(KONG_FULL, "2")).await?;
+            apply(&admin, &ns, &kong_chatbot(KONG_FULL, "2")).await?;
         }
 
         let cb = kong_ready(&chatbots, ("True", "Applied")).await?;
@@ -976,7 +1303,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         }
 
         // A rotated Tenant key is copied again.
-        apply_yaml(
+        apply(
             &admin,
             &ns,
             "apiVersion: v1\nkind: Secret\nmetadata: {name: acme-key}\nstringData: {api-key: rotated-acme-key-value}\n",
@@ -992,7 +1319,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         // A second Chatbot with keyAuth selecting the same Tenants shares the consumers:
         // when the first turns keyAuth off, they stay.
         let shared = "  kong:\n    host: other.example.com\n    keyAuth: true\n";
-        apply_yaml(&admin, &ns, &named_kong_chatbot("edge2", shared, "1")).await?;
+        apply(&admin, &ns, &named_kong_chatbot("edge2", shared, "1")).await?;
         eventually("edge2 KongReady=True", || async {
             let cb = chatbots.get("edge2").await?;
             Ok(kong_condition(&cb)
@@ -1000,7 +1327,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
                 .then_some(()))
         })
         .await?;
-        apply_yaml(&admin, &ns, &kong_chatbot(KONG_NO_AUTH, "3")).await?;
+        apply(&admin, &ns, &kong_chatbot(KONG_NO_AUTH, "3")).await?;
         eventually("edge's key-auth plugin to be pruned", || async {
             Ok(plugins.get_opt("edge-key-auth").await?.is_none().then_some(()))
         })
@@ -1015,7 +1342,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         }
 
         // The last Chatbot with keyAuth turns it off: consumers and credentials are pruned.
-        apply_yaml(&admin, &ns, &named_kong_chatbot("edge2", "", "2")).await?;
+        apply(&admin, &ns, &named_kong_chatbot("edge2", "", "2")).await?;
         eventually("key-auth objects to be pruned", || async {
             let gone = plugins.get_opt("edge2-key-auth").await?.is_none()
                 && consumers.get_opt(&format!("{ns}-acme")).await?.is_none()
@@ -1030,7 +1357,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         assert!(secrets.get_opt("globex-api-key").await?.is_some());
 
         // kong removed: Ingress and plugins pruned, KongReady gone.
-        apply_yaml(&admin, &ns, &kong_chatbot("", "4")).await?;
+        apply(&admin, &ns, &kong_chatbot("", "4")).await?;
         eventually("the Kong objects to be pruned", || async {
             let cb = chatbots.get("edge").await?;
             let gone = ingresses.get_opt("edge-gateway").await?.is_none()
@@ -1042,7 +1369,7 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
 
         // Deleting the last Chatbot with keyAuth deletes the consumers and credential
         // copies too (they belong to the Tenants, so the garbage collector would not).
-        apply_yaml(&admin, &ns, &named_kong_chatbot("edge2", shared, "3")).await?;
+        apply(&admin, &ns, &named_kong_chatbot("edge2", shared, "3")).await?;
         eventually("edge2's credential copies", || async {
             Ok(secrets.get_opt("globex-kong-key").await?.and(
                 consumers.get_opt(&format!("{ns}-acme")).await?,
@@ -1062,5 +1389,20 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
         operator.stop().await?;
         Ok(cluster)
     })
-    .await
+    .await?;
+    // This test takes every path that touches Secrets: the operator used each verb the
+    // ClusterRole grants on them (none is superfluous) and no other.
+    let Some(used) = used.filter(|u| !u.verbs.is_empty()) else {
+        return Ok(()); // skipped, or no audit log (external cluster)
+    };
+    let granted = granted("config/rbac/role.yaml")
+        .remove(&(String::new(), "secrets".to_string()))
+        .unwrap_or_default();
+    assert_eq!(used.verbs, granted, "Secret verbs used vs granted");
+    assert!(used.lists >= 1 && used.watches >= 1, "{used:?}");
+    assert!(
+        used.got.contains("acme-key") && used.got.contains("globex-api-key"),
+        "{used:?}"
+    );
+    Ok(())
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -98,13 +99,21 @@ fn init_logging() {
     }
 }
 
+/// How long `run` may take to exit after SIGTERM or SIGINT, whatever it is doing
+/// (reconciles in flight, releasing the Lease, an API server that does not answer).
+const STOP_DEADLINE: Duration = Duration::from_secs(4);
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(run_async(args))
+    let result = runtime.block_on(run_async(args));
+    // Tasks still running (a watch, a request to an API server that does not answer)
+    // must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -132,11 +141,49 @@ async fn shutdown_signal() {
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use parley_operator::controller::connect::{self, Reached};
     use parley_operator::controller::{self, Settings, leader, metrics};
 
-    let client = kube::Client::try_default()
+    // Signals first, so that a stop works in every state below: the first SIGTERM or
+    // SIGINT stops gracefully (bounded by STOP_DEADLINE), a second one exits at once.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        shutdown_signal().await;
+        tracing::warn!("second stop signal: exiting now");
+        std::process::exit(130);
+    });
+
+    // Configuration errors first: they need no API server.
+    let leader_namespace = if args.leader_election {
+        Some(match args.leader_election_namespace {
+            Some(ns) => ns,
+            None => {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .map(|s| s.trim().to_string())
+                    .context(
+                        "--leader-election needs --leader-election-namespace or POD_NAMESPACE \
+                 (or an in-cluster ServiceAccount namespace)",
+                    )?
+            }
+        })
+    } else {
+        None
+    };
+    let config = kube::Config::infer()
         .await
-        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        .context("loading the Kubernetes client configuration (in-cluster, or KUBECONFIG)")?;
+    let api_server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)
+        .with_context(|| format!("creating a client for the Kubernetes API at {api_server}"))?;
     let identity = std::env::var("POD_NAME")
         .ok()
         .filter(|s| !s.is_empty())
@@ -152,50 +199,54 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding --metrics-addr {}", args.metrics_addr))?;
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz, /readyz");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
+    let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), stopped()));
+
+    match connect::wait_for_api(&client, &api_server, stopped()).await {
+        Reached::Stopped => {
+            server.abort();
+            return Ok(ExitCode::SUCCESS);
+        }
+        Reached::Connected(version) => {
+            tracing::info!(server = %api_server, version, "connected to the Kubernetes API");
+        }
+    }
+
+    let work = async {
+        match leader_namespace {
+            Some(namespace) => {
+                // Standbys are ready (healthy, waiting); the leader once its controllers run.
+                metrics.set_ready(true);
+                let work_client = client.clone();
+                let work_metrics = Arc::clone(&metrics);
+                leader::run_as_leader(
+                    client,
+                    &namespace,
+                    &identity,
+                    Arc::clone(&metrics),
+                    stopped(),
+                    move |stop| {
+                        controller::run_controllers(work_client, settings, work_metrics, stop)
+                    },
+                )
+                .await
+                .map_err(anyhow::Error::from)
+            }
+            None => {
+                controller::run_controllers(client, settings, Arc::clone(&metrics), stopped())
+                    .await;
+                Ok(())
+            }
         }
     };
-    let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), stopped()));
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
-
-    let outcome = if args.leader_election {
-        let namespace = match args.leader_election_namespace {
-            Some(ns) => ns,
-            None => {
-                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-                    .map(|s| s.trim().to_string())
-                    .context(
-                        "--leader-election needs --leader-election-namespace or POD_NAMESPACE \
-                 (or an in-cluster ServiceAccount namespace)",
-                    )?
-            }
-        };
-        // Standbys are ready (healthy, waiting); the leader once its controllers run.
-        metrics.set_ready(true);
-        let work_client = client.clone();
-        let work_metrics = Arc::clone(&metrics);
-        leader::run_as_leader(
-            client,
-            &namespace,
-            &identity,
-            Arc::clone(&metrics),
-            stopped(),
-            move |stop| controller::run_controllers(work_client, settings, work_metrics, stop),
-        )
+    let outcome = connect::within_deadline_of_stop(work, stopped(), STOP_DEADLINE)
         .await
-        .map_err(anyhow::Error::from)
-    } else {
-        controller::run_controllers(client, settings, Arc::clone(&metrics), stopped()).await;
-        Ok(())
-    };
+        .unwrap_or_else(|| {
+            tracing::warn!(
+                deadline_s = STOP_DEADLINE.as_secs(),
+                "did not stop within the deadline after the stop signal; exiting anyway"
+            );
+            Ok(())
+        });
     server.abort();
     match outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),

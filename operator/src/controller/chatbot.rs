@@ -28,8 +28,8 @@ use super::conditions::{self, Desired, MAX_MESSAGE_BYTES};
 use super::delete_ignoring_missing;
 use super::kong::{self, KongOutcome};
 use super::{
-    Context, Error, drain, kube_err, measured, object_key, retry_later, same_namespace, scoped_api,
-    secret_keys,
+    Context, Error, drain, kube_err, measured, object_key, referenced_secrets, retry_later,
+    same_namespace, scoped_api, secret_keys,
 };
 use crate::render::{self, MANAGER, RenderError, RenderInput, Rendered, Severity};
 
@@ -102,7 +102,10 @@ pub async fn controller(
             watcher::Config::default(),
             move |tenant| same_namespace(&tenants_store, &tenant),
         )
-        // Metadata only: Secret values never enter a cache.
+        // Metadata only (list and watch as PartialObjectMetadata): Secret values never
+        // enter a cache. A Secret that appears, changes or goes re-renders the Chatbots of
+        // its namespace (a key that appears makes one Ready; a rotated Tenant key is copied
+        // again into its Kong credential).
         .watches(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
@@ -140,7 +143,14 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
         .await
         .map_err(kube_err(format!("listing Tenants in {ns}")))?
         .items;
-    let secrets = secret_keys(client, &ns).await?;
+    // Only the Secrets that the Chatbot and the ModelRoutes and Tenants it selects name,
+    // each read by name and reduced to its key names.
+    let secrets = secret_keys(
+        client,
+        &ns,
+        referenced_secrets(chatbot, &model_routes, &tenants),
+    )
+    .await?;
     let input = RenderInput {
         chatbot,
         model_routes: &model_routes,

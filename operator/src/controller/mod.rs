@@ -9,30 +9,34 @@
 //!   updated), and Tenant status;
 //! - [`model_route`]: ModelRoute status (backends, missing Secrets).
 //!
-//! Secret *values* are never read into a cache, logged or written anywhere: Secrets are
-//! watched metadata-only and listed only to learn their key names (values are dropped at
-//! once, see [`secret_keys`]).
+//! Secret *values* are never read into a cache, logged or written anywhere. Secrets are
+//! watched metadata-only (list and watch as `PartialObjectMetadata`); to learn which keys
+//! a Secret has, a reconcile gets only the Secrets its objects name, by name, and keeps
+//! only the key names (see [`secret_keys`] and [`referenced_secrets`]). The one value the
+//! operator copies is a Tenant key into a Kong credential Secret (see [`kong`]).
 
 pub mod chatbot;
 pub mod conditions;
+pub mod connect;
 pub mod kong;
 pub mod leader;
 pub mod metrics;
 pub mod model_route;
 pub mod tenant;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
+use parley_crds::{Chatbot, ModelRoute, Tenant};
 
-use crate::render::{MANAGER, SecretKeys};
+use crate::render::{MANAGER, SecretKeys, selects_tenant};
 use metrics::Metrics;
 
 /// What the controllers need to know from the command line.
@@ -250,28 +254,116 @@ pub(crate) fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     )
 }
 
-/// Which keys exist in which Secrets of `namespace`. The Secrets are listed with their
-/// data (the metadata API does not carry key names) and reduced to names at once: values
-/// never leave this function.
-pub async fn secret_keys(client: &Client, namespace: &str) -> Result<SecretKeys, Error> {
+/// How many Secrets one reconcile gets at the same time.
+const SECRET_GETS_IN_FLIGHT: usize = 8;
+
+/// Which keys exist in the Secrets `names` of `namespace`. Each Secret is read with a GET
+/// by name (the metadata API does not carry key names) and reduced to its key names at
+/// once: values never leave this function. A Secret that does not exist is left out.
+pub async fn secret_keys(
+    client: &Client,
+    namespace: &str,
+    names: impl IntoIterator<Item = String>,
+) -> Result<SecretKeys, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(kube_err(format!("listing Secrets in {namespace}")))?;
-    let mut out = SecretKeys::new();
-    for secret in list.items {
-        let Some(name) = secret.metadata.name else {
-            continue;
-        };
-        let mut keys: std::collections::BTreeSet<String> = secret
-            .data
-            .map(|d| d.into_keys().collect())
-            .unwrap_or_default();
-        keys.extend(secret.string_data.unwrap_or_default().into_keys());
-        out.insert(name, keys);
+    let names: BTreeSet<String> = names.into_iter().collect();
+    let found: Vec<_> = futures::stream::iter(names)
+        .map(|name| {
+            let api = api.clone();
+            async move {
+                let secret = api
+                    .get_opt(&name)
+                    .await
+                    .map_err(kube_err(format!("reading Secret {namespace}/{name}")))?;
+                Ok::<_, Error>(secret.map(|s| (name, key_names(s))))
+            }
+        })
+        .buffer_unordered(SECRET_GETS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// The key names of `secret`; the values are dropped here.
+fn key_names(secret: Secret) -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = secret
+        .data
+        .map(|d| d.into_keys().collect())
+        .unwrap_or_default();
+    keys.extend(secret.string_data.unwrap_or_default().into_keys());
+    keys
+}
+
+/// The names of the Secrets that rendering `chatbot` reads: its Redis and usage ledger
+/// URLs, the keys of the backends of the ModelRoutes it selects, and the API keys
+/// (given, or the generated `<tenant>-api-key`) and upstream keys of the Tenants it
+/// selects. Only these are read for a Chatbot. A selector that is not valid selects
+/// nothing here (render reports it).
+pub fn referenced_secrets(
+    chatbot: &Chatbot,
+    routes: &[ModelRoute],
+    tenants: &[Tenant],
+) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    if let Some(redis) = &chatbot.spec.redis {
+        names.insert(redis.url_secret_ref.name.clone());
     }
-    Ok(out)
+    if let Some(usage) = &chatbot.spec.usage {
+        names.insert(usage.postgres_url_secret_ref.name.clone());
+    }
+    let namespace = chatbot.meta().namespace.as_ref();
+    let selector = chatbot.spec.model_selector.as_ref();
+    for route in routes.iter().filter(|r| {
+        r.meta().namespace.as_ref() == namespace && label_selector_matches(selector, r.labels())
+    }) {
+        names.extend(route_secrets(route));
+    }
+    for tenant in tenants.iter().filter(|t| selects_tenant(chatbot, t)) {
+        names.extend(tenant_secrets(tenant));
+    }
+    names
+}
+
+/// The Secrets a ModelRoute names (its backends' `apiKeySecretRef`s).
+pub fn route_secrets(route: &ModelRoute) -> BTreeSet<String> {
+    route
+        .spec
+        .backends
+        .iter()
+        .filter_map(|b| b.api_key_secret_ref.as_ref().map(|r| r.name.clone()))
+        .collect()
+}
+
+/// The Secrets a Tenant names: its API keys (or the generated `<tenant>-api-key`) and
+/// its upstream keys.
+pub fn tenant_secrets(tenant: &Tenant) -> BTreeSet<String> {
+    tenant
+        .api_key_refs()
+        .into_iter()
+        .map(|r| r.name)
+        .chain(
+            tenant
+                .spec
+                .upstream_keys
+                .iter()
+                .map(|k| k.secret_ref.name.clone()),
+        )
+        .collect()
+}
+
+/// Whether `selector` (absent = everything) matches `labels`; an invalid selector
+/// matches nothing.
+fn label_selector_matches(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    use kube::core::{Selector, SelectorExt};
+    match selector {
+        None => true,
+        Some(selector) => Selector::try_from(selector.clone())
+            .map(|s| s.matches(labels))
+            .unwrap_or(false),
+    }
 }
 
 /// Maps any object to the `K`s of its namespace held in `store` (every Chatbot of the
@@ -289,6 +381,27 @@ where
         .state()
         .iter()
         .filter(|k| k.meta().namespace == namespace)
+        .map(|k| ObjectRef::from_obj(k.as_ref()))
+        .collect()
+}
+
+/// Maps a Secret to the `K`s of its namespace held in `store` that name it (`names`
+/// lists the Secrets a `K` names).
+pub(crate) fn naming<K, O>(
+    store: &kube::runtime::reflector::Store<K>,
+    secret: &O,
+    names: impl Fn(&K) -> BTreeSet<String>,
+) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+    O: Resource,
+{
+    let namespace = secret.meta().namespace.clone();
+    let name = secret.meta().name.clone().unwrap_or_default();
+    store
+        .state()
+        .iter()
+        .filter(|k| k.meta().namespace == namespace && names(k.as_ref()).contains(&name))
         .map(|k| ObjectRef::from_obj(k.as_ref()))
         .collect()
 }
@@ -339,8 +452,14 @@ where
     Ok(())
 }
 
-/// Runs the three controllers until `shutdown` resolves (then they finish what they are
-/// doing and return).
+/// How long the controllers may take, once told to stop, to finish the reconciles they
+/// are running. After that they are dropped (reconciles are idempotent; the next leader
+/// or start redoes them). Without this bound a controller whose first list never
+/// succeeded (API server unreachable) would wait for its cache forever.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs the three controllers until `shutdown` resolves; then they finish what they are
+/// doing, for at most [`STOP_GRACE`], and return.
 pub async fn run_controllers(
     client: Client,
     settings: Settings,
@@ -351,9 +470,23 @@ pub async fn run_controllers(
     let shutdown = futures::future::FutureExt::shared(Box::pin(shutdown));
     let chatbots = chatbot::controller(Arc::clone(&ctx), shutdown.clone());
     let tenants = tenant::controller(Arc::clone(&ctx), shutdown.clone());
-    let routes = model_route::controller(Arc::clone(&ctx), shutdown);
+    let routes = model_route::controller(Arc::clone(&ctx), shutdown.clone());
     ctx.metrics.set_ready(true);
-    futures::join!(chatbots, tenants, routes);
+    let all = async {
+        futures::join!(chatbots, tenants, routes);
+    };
+    tokio::select! {
+        () = all => {}
+        () = async {
+            shutdown.await;
+            tokio::time::sleep(STOP_GRACE).await;
+        } => {
+            tracing::warn!(
+                grace_ms = u64::try_from(STOP_GRACE.as_millis()).unwrap_or(u64::MAX),
+                "the controllers did not finish within the grace period after the stop; dropping them"
+            );
+        }
+    }
     ctx.metrics.set_ready(false);
 }
 
@@ -383,5 +516,135 @@ mod tests {
         assert_eq!(backoff_delay(5, 0.0), Duration::from_secs(16));
         assert_eq!(backoff_delay(40, 0.0), Duration::from_secs(300));
         assert!(backoff_delay(3, 0.2) <= Duration::from_secs_f64(4.8 + 1e-9));
+    }
+
+    /// Objects of the samples' namespace that the sample Chatbot does not select, each
+    /// naming a Secret of its own.
+    const UNSELECTED: &str = "
+apiVersion: v1
+kind: Secret
+metadata: {name: other-key}
+stringData: {api-key: other-value, key: other-value}
+---
+apiVersion: parley.dev/v1alpha1
+kind: Tenant
+metadata: {name: other, labels: {parley.dev/chatbot: other}}
+spec:
+  apiKeys: [{secretRef: {name: other-key, key: api-key}}]
+---
+apiVersion: parley.dev/v1alpha1
+kind: Tenant
+metadata: {name: other-generated, labels: {parley.dev/chatbot: other}}
+spec: {}
+---
+apiVersion: parley.dev/v1alpha1
+kind: ModelRoute
+metadata: {name: other, labels: {parley.dev/chatbot: other}}
+spec:
+  backends:
+  - {name: a, provider: openai, baseUrl: 'https://example.com/v1', apiKeySecretRef: {name: other-key, key: key}}
+";
+
+    /// For every Chatbot of the committed samples and examples, the Secrets that
+    /// [`referenced_secrets`] names are all that render needs: rendering with only those
+    /// gives exactly what rendering with every Secret of the namespace gives, and every
+    /// Secret the Deployment mounts is among them. Secrets of objects it does not select
+    /// are not read.
+    #[test]
+    fn a_chatbot_reads_only_the_secrets_it_names_and_they_are_all_render_needs()
+    -> Result<(), String> {
+        use crate::manifests::Manifests;
+        use crate::render::{RenderInput, render};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new(".."))
+            .to_path_buf();
+        let mut checked = 0;
+        // The samples' Chatbot selects by label; the example's selects everything in its
+        // namespace, so there the others live in another namespace.
+        for (dir, unselected_namespace) in [
+            ("config/samples", None),
+            ("config/examples", Some("elsewhere")),
+        ] {
+            let mut m = Manifests::load(&[root.join(dir)]).map_err(|e| format!("{dir}: {e}"))?;
+            let unselected = match unselected_namespace {
+                Some(ns) => {
+                    UNSELECTED.replace("metadata: {", &format!("metadata: {{namespace: {ns}, "))
+                }
+                None => UNSELECTED.to_string(),
+            };
+            m.add_text(std::path::Path::new("unselected.yaml"), &unselected);
+            assert!(m.errors.is_empty(), "{dir}: {:?}", m.errors);
+            for chatbot in &m.chatbots {
+                let ns = chatbot.namespace().unwrap_or_default();
+                let all = m.secrets.get(&ns).cloned().unwrap_or_default();
+                let names = referenced_secrets(chatbot, &m.model_routes, &m.tenants);
+                let only: SecretKeys = all
+                    .iter()
+                    .filter(|(name, _)| names.contains(*name))
+                    .map(|(n, k)| (n.clone(), k.clone()))
+                    .collect();
+                let input = |secrets| RenderInput {
+                    chatbot,
+                    model_routes: &m.model_routes,
+                    tenants: &m.tenants,
+                    secrets,
+                    default_image: "img",
+                };
+                let with_all = render(&input(&all))
+                    .map_err(|e| format!("{dir}: {}: {e:?}", chatbot.name_any()))?;
+                let with_only = render(&input(&only))
+                    .map_err(|e| format!("{dir}: {}: {e:?}", chatbot.name_any()))?;
+                assert_eq!(with_all, with_only, "{dir}: {}", chatbot.name_any());
+                let pod = with_all
+                    .deployment
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.template.spec.as_ref())
+                    .map(|s| serde_json::to_value(s).unwrap_or_default())
+                    .unwrap_or_default();
+                let mounted: Vec<&str> = pod["volumes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|v| v["projected"]["sources"].as_array().into_iter().flatten())
+                    .filter_map(|s| s["secret"]["name"].as_str())
+                    .collect();
+                assert!(!mounted.is_empty(), "{dir}: no Secret mounted");
+                for secret in mounted {
+                    assert!(names.contains(secret), "{dir}: {secret} not in {names:?}");
+                }
+                for not_selected in ["other-key", "other-generated-api-key"] {
+                    assert!(!names.contains(not_selected), "{dir}: {names:?}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "{checked} Chatbots checked");
+        Ok(())
+    }
+
+    #[test]
+    fn routes_and_tenants_name_their_own_secrets() {
+        let tenant: Tenant = serde_json::from_value(serde_json::json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "Tenant",
+            "metadata": {"name": "acme", "namespace": "ns"},
+            "spec": {"upstreamKeys": [{"model": "m", "backend": "b", "secretRef": {"name": "up", "key": "k"}}]}
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            tenant_secrets(&tenant),
+            BTreeSet::from(["acme-api-key".to_string(), "up".to_string()])
+        );
+        let route: ModelRoute = serde_json::from_value(serde_json::json!({
+            "apiVersion": "parley.dev/v1alpha1", "kind": "ModelRoute",
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"backends": [
+                {"name": "a", "provider": "openai", "baseUrl": "http://x/v1", "apiKeySecretRef": {"name": "llm", "key": "a"}},
+                {"name": "b", "provider": "openai", "baseUrl": "http://x/v1"}
+            ]}
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(route_secrets(&route), BTreeSet::from(["llm".to_string()]));
     }
 }

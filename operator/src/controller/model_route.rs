@@ -13,11 +13,11 @@ use kube::{Resource, ResourceExt};
 use parley_crds::{ModelRoute, ModelRouteStatus};
 
 use super::conditions::{self, Desired};
-use super::missing_secret_keys;
 use super::{
-    Context, Error, drain, measured, object_key, patch_status, retry_later, same_namespace,
+    Context, Error, drain, measured, object_key, patch_status, retry_later, route_secrets,
     scoped_api, secret_keys,
 };
+use super::{missing_secret_keys, naming};
 use crate::render::SecretKeys;
 
 const KIND: &str = "ModelRoute";
@@ -36,10 +36,11 @@ pub async fn controller(
     );
     let store = controller.store();
     let stream = controller
+        // Metadata only: a Secret change re-checks the ModelRoutes that name it.
         .watches(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret| same_namespace(&store, &secret),
+            move |secret| naming(&store, &secret, route_secrets),
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx);
@@ -61,7 +62,7 @@ async fn reconcile_inner(route: &ModelRoute, ctx: &Context) -> Result<Action, Er
     let Some(ns) = route.namespace() else {
         return Err(Error::Unnamed(object_key(route)));
     };
-    let secrets = secret_keys(&ctx.client, &ns).await?;
+    let secrets = secret_keys(&ctx.client, &ns, route_secrets(route)).await?;
     let current = route.status.clone().unwrap_or_default();
     let status = ModelRouteStatus {
         common: parley_crds::common::CommonStatus {

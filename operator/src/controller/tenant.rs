@@ -20,10 +20,9 @@ use parley_crds::tenant::GENERATED_KEY;
 use parley_crds::{Chatbot, Tenant, TenantStatus};
 
 use super::conditions::{self, Desired};
-use super::missing_secret_keys;
 use super::{
-    Context, Error, drain, kube_err, measured, object_key, patch_status, retry_later,
-    same_namespace, scoped_api, secret_keys,
+    Context, Error, drain, kube_err, measured, missing_secret_keys, naming, object_key,
+    patch_status, retry_later, same_namespace, scoped_api, secret_keys, tenant_secrets,
 };
 use crate::render::{MANAGER, SecretKeys};
 
@@ -44,12 +43,12 @@ pub async fn controller(
     let store = controller.store();
     let chatbot_store = store.clone();
     let stream = controller
-        // Metadata only: a deleted key Secret is recreated, and no value is cached. Any
-        // Secret change re-checks the Tenants of its namespace (MissingSecret).
+        // Metadata only: a deleted key Secret is recreated, and no value is cached. A
+        // Secret change re-checks the Tenants that name it (MissingSecret).
         .watches(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret| same_namespace(&store, &secret),
+            move |secret| naming(&store, &secret, tenant_secrets),
         )
         // A Chatbot change (its deletion included) re-checks the Tenants of its namespace:
         // Kong consumers and credential copies no Chatbot wants any more are deleted.
@@ -86,7 +85,13 @@ async fn reconcile_inner(tenant: &Tenant, ctx: &Context) -> Result<Action, Error
         None
     };
     super::kong::prune_unwanted_for_tenant(&ctx.client, &ns, tenant).await?;
-    let secrets = secret_keys(&ctx.client, &ns).await?;
+    // The generated key Secret was just made sure of; otherwise read the Secrets the
+    // Tenant names, by name, for their key names.
+    let secrets = if key_secret.is_some() {
+        SecretKeys::new()
+    } else {
+        secret_keys(&ctx.client, &ns, tenant_secrets(tenant)).await?
+    };
     let desired = readiness(tenant, &secrets, key_secret.is_some());
     let current = tenant.status.clone().unwrap_or_default();
     let status = TenantStatus {
