@@ -30,20 +30,100 @@ pub use state::AppState;
 /// Every problem found in a config, one per entry.
 pub type Problems = Vec<String>;
 
+/// How the config is loaded, beyond the file itself.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// `--secrets-dir`: replaces the config's `secretsDir` (made absolute by the caller).
+    pub secrets_dir: Option<PathBuf>,
+}
+
 /// Builds the process state from a config file (refusing an invalid one).
 pub fn init(config_path: PathBuf) -> Result<Arc<AppState>, Problems> {
-    match init_waiting(config_path)? {
+    init_with(config_path, &LoadOptions::default())
+}
+
+/// [`init`] with options.
+pub fn init_with(config_path: PathBuf, options: &LoadOptions) -> Result<Arc<AppState>, Problems> {
+    match init_waiting_with(config_path, options)? {
         (state, None) => Ok(state),
         (_, Some(problems)) => Err(problems),
     }
+}
+
+/// What `parley-gateway check` found.
+pub struct CheckReport {
+    /// The state built from the config, when it is valid.
+    pub runtime: Option<runtime::Runtime>,
+    /// Every problem that makes the config invalid.
+    pub problems: Problems,
+    /// What does not make it invalid but will not work (unusable keys, settings not
+    /// implemented yet).
+    pub warnings: Vec<String>,
+    /// Secret files the config names that do not exist, and the directory relative paths
+    /// resolve against.
+    pub missing_secret_files: Vec<PathBuf>,
+    /// Where relative secret files are looked for.
+    pub secrets_base: PathBuf,
+}
+
+/// Validates a config file without serving: every problem and every warning at once.
+pub fn check(
+    config_path: &std::path::Path,
+    options: &LoadOptions,
+) -> Result<CheckReport, Problems> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let mut shared = runtime::Shared::new(metrics).map_err(|e| vec![e])?;
+    shared.secrets_dir = options.secrets_dir.clone();
+    shared.check_only = true;
+    let result = reload::check(config_path, &shared);
+    // Where the secrets are, from the file as parsed (even when it is inconsistent).
+    let parsed = std::fs::read_to_string(config_path)
+        .ok()
+        .and_then(|t| parley_crds::GatewayConfig::from_yaml_unchecked(&t).ok());
+    let (missing_secret_files, secrets_base) = match parsed {
+        Some(mut config) => {
+            if let Some(dir) = &options.secrets_dir {
+                config.secrets_dir = Some(dir.clone());
+            }
+            let base = runtime::secrets_base(&config, config_path);
+            let mut missing: Vec<PathBuf> = runtime::secret_files(&config, &base)
+                .into_iter()
+                .filter(|p| !p.exists())
+                .collect();
+            missing.sort();
+            missing.dedup();
+            (missing, base)
+        }
+        None => (Vec::new(), PathBuf::new()),
+    };
+    let (runtime, problems) = match result {
+        Ok(rt) => (Some(rt), Vec::new()),
+        Err(problems) => (None, problems),
+    };
+    Ok(CheckReport {
+        runtime,
+        problems,
+        warnings: shared.warnings(),
+        missing_secret_files,
+        secrets_base,
+    })
 }
 
 /// Builds the process state; with an invalid (or missing) config file the state has no
 /// models or tenants, is not ready, and answers 503 until a valid config is loaded. The
 /// problems are returned alongside. `Err` only if the process cannot work at all.
 pub fn init_waiting(config_path: PathBuf) -> Result<(Arc<AppState>, Option<Problems>), Problems> {
+    init_waiting_with(config_path, &LoadOptions::default())
+}
+
+/// [`init_waiting`] with options.
+pub fn init_waiting_with(
+    config_path: PathBuf,
+    options: &LoadOptions,
+) -> Result<(Arc<AppState>, Option<Problems>), Problems> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let shared = runtime::Shared::new(Arc::clone(&metrics)).map_err(|e| vec![e])?;
+    let mut shared = runtime::Shared::new(Arc::clone(&metrics)).map_err(|e| vec![e])?;
+    shared.secrets_dir = options.secrets_dir.clone();
     let (rt, problems) = match reload::load(&config_path, &shared) {
         Ok(rt) => (rt, None),
         Err(problems) => {

@@ -20,6 +20,11 @@ struct Cli {
     /// The GatewayConfig file.
     #[arg(long, global = true, env = "PARLEY_CONFIG")]
     config: Option<PathBuf>,
+    /// Directory of the secret files: replaces the config's `secretsDir`. Relative
+    /// `{file: ...}` secrets are read from here; a rendered config expects one file per
+    /// Secret key, `DIR/<secret>/<key>`.
+    #[arg(long, global = true, env = "PARLEY_SECRETS_DIR", value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
     /// Log format [json when stderr is not a terminal].
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
@@ -73,9 +78,17 @@ fn main() -> ExitCode {
         eprintln!("error: --config FILE is required");
         return ExitCode::from(2);
     };
+    let options = match load_options(&cli) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         Some(Command::Check) => {
-            // Missing secrets are warnings, not errors: show them.
+            // Warnings the check collects are printed by it; anything else logged at warn
+            // level (e.g. no CA certificates) still shows.
             let filter = tracing_subscriber::EnvFilter::new("warn");
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
@@ -83,11 +96,11 @@ fn main() -> ExitCode {
                 .without_time()
                 .with_target(false)
                 .init();
-            check(&config)
+            check(&config, &options)
         }
         None => {
             init_logging(cli.log_format);
-            match serve(config, &cli) {
+            match serve(config, &cli, &options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -98,10 +111,66 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match parley_gateway::init(path.to_path_buf()) {
-        Ok(state) => {
-            let rt = state.runtime.load();
+/// `--secrets-dir`, made absolute (a relative one means: from the working directory).
+fn load_options(cli: &Cli) -> anyhow::Result<parley_gateway::LoadOptions> {
+    let secrets_dir = match &cli.secrets_dir {
+        Some(dir) if dir.is_absolute() => Some(dir.clone()),
+        Some(dir) => Some(
+            std::env::current_dir()
+                .context("--secrets-dir: reading the working directory")?
+                .join(dir),
+        ),
+        None => None,
+    };
+    if let Some(dir) = &secrets_dir
+        && !dir.is_dir()
+    {
+        anyhow::bail!(
+            "--secrets-dir {}: not a directory (it should hold one file per secret key, <secret>/<key>)",
+            dir.display()
+        );
+    }
+    Ok(parley_gateway::LoadOptions { secrets_dir })
+}
+
+fn check(path: &std::path::Path, options: &parley_gateway::LoadOptions) -> ExitCode {
+    let report = match parley_gateway::check(path, options) {
+        Ok(report) => report,
+        Err(problems) => {
+            eprintln!("{}: cannot check:", path.display());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !report.missing_secret_files.is_empty() {
+        eprintln!(
+            "note: {n} secret file{s} named by this config do{es} not exist under {base}. A \
+             gateway pod has every Secret key the operator rendered mounted there as \
+             <secret>/<key>; on this machine, write each key to DIR/<secret>/<key> and pass \
+             --secrets-dir DIR (or set secretsDir in the config). A key whose file is missing \
+             is unusable and the rest of the config works, except that without redis.url \
+             the gateway is not ready.",
+            n = report.missing_secret_files.len(),
+            s = if report.missing_secret_files.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            es = if report.missing_secret_files.len() == 1 {
+                "es"
+            } else {
+                ""
+            },
+            base = report.secrets_base.display(),
+        );
+    }
+    match report.runtime {
+        Some(rt) if report.problems.is_empty() => {
             let backends: usize = rt.models.values().map(|m| m.backends.len()).sum();
             let mut out = format!(
                 "{}: valid: {} models, {} backends, {} tenants, {} API keys usable, default model {:?}, config hash {}",
@@ -117,9 +186,14 @@ fn check(path: &std::path::Path) -> ExitCode {
             let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
             ExitCode::SUCCESS
         }
-        Err(problems) => {
-            eprintln!("{}: invalid config:", path.display());
-            for p in problems {
+        _ => {
+            eprintln!(
+                "{}: invalid config ({} problem{}):",
+                path.display(),
+                report.problems.len(),
+                if report.problems.len() == 1 { "" } else { "s" }
+            );
+            for p in &report.problems {
                 eprintln!("  - {p}");
             }
             ExitCode::FAILURE
@@ -127,7 +201,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(config: PathBuf, cli: &Cli) -> anyhow::Result<()> {
+fn serve(config: PathBuf, cli: &Cli, options: &parley_gateway::LoadOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -135,7 +209,7 @@ fn serve(config: PathBuf, cli: &Cli) -> anyhow::Result<()> {
     // The process-wide TLS provider (used by the Redis client for rediss:// URLs).
     let _ = rustls::crypto::ring::default_provider().install_default();
     runtime.block_on(async move {
-        let (state, problems) = parley_gateway::init_waiting(config.clone())
+        let (state, problems) = parley_gateway::init_waiting_with(config.clone(), options)
             .map_err(|p| anyhow::anyhow!("cannot start: {}", p.join("; ")))?;
         if let Some(problems) = problems {
             tracing::error!(

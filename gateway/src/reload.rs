@@ -31,6 +31,31 @@ pub fn load(path: &Path, shared: &Shared) -> Result<Runtime, Vec<String>> {
     runtime::build(config, &text, path, shared)
 }
 
+/// Like [`load`], but builds even an inconsistent config, so that every problem is found
+/// at once: the consistency checks and what only building finds (unreadable secrets,
+/// two tenants with one key, a bad Redis URL). For `check`, never for serving.
+pub fn check(path: &Path, shared: &Shared) -> Result<Runtime, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("cannot read config file {}: {e}", path.display())])?;
+    let config = GatewayConfig::from_yaml_unchecked(&text).map_err(|e| match e {
+        parley_crds::gateway_config::ConfigError::Invalid(problems) => problems,
+        other => vec![other.to_string()],
+    })?;
+    let mut problems = config.problems();
+    match runtime::build(config, &text, path, shared) {
+        Ok(rt) if problems.is_empty() => Ok(rt),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            for p in more {
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
+            Err(problems)
+        }
+    }
+}
+
 /// Records a loaded config in the metrics.
 pub fn record_loaded(state: &AppState, rt: &Runtime) {
     state.metrics.config_info.clear();

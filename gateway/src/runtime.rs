@@ -175,10 +175,16 @@ pub struct Shared {
     clients: Mutex<HashMap<u64, HttpClient>>,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     warned: Mutex<HashSet<String>>,
+    warnings: Mutex<Vec<String>>,
     redis: Mutex<Option<([u8; 32], Arc<Redis>)>>,
     tls: rustls::ClientConfig,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// `--secrets-dir`: replaces the config's `secretsDir` (absolute).
+    pub secrets_dir: Option<PathBuf>,
+    /// `check`: only validate. Warnings are collected (see [`Shared::warnings`]) instead of
+    /// logged, and a `redis.url` that cannot be read yet is a warning, not a problem.
+    pub check_only: bool,
 }
 
 impl Shared {
@@ -188,10 +194,18 @@ impl Shared {
             clients: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
+            warnings: Mutex::new(Vec::new()),
             redis: Mutex::new(None),
             tls: tls_config()?,
             metrics,
+            secrets_dir: None,
+            check_only: false,
         })
+    }
+
+    /// Every distinct warning so far (unusable keys, settings not implemented), in order.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().clone()
     }
 
     fn client(&self, connect_ms: u64) -> HttpClient {
@@ -248,7 +262,10 @@ impl Shared {
 
     fn warn_once(&self, what: &str, message: &str) {
         if self.warned.lock().insert(what.to_string()) {
-            tracing::warn!(about = what, "{message}");
+            self.warnings.lock().push(message.to_string());
+            if !self.check_only {
+                tracing::warn!(about = what, "{message}");
+            }
         }
     }
 }
@@ -340,17 +357,67 @@ pub fn secret_files(config: &GatewayConfig, base: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn resolve(source: &SecretSource, base: &Path) -> Result<String, String> {
+/// Why a secret could not be read.
+#[derive(Debug)]
+enum SecretError {
+    /// The file does not exist (yet).
+    Missing(PathBuf, Option<(String, String)>),
+    /// Anything else, said in full.
+    Other(String),
+}
+
+impl std::fmt::Display for SecretError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing(path, Some((secret, key))) => write!(
+                f,
+                "secret file {} does not exist (in a pod: key {key:?} of Secret {secret:?}; --secrets-dir DIR reads DIR/{secret}/{key} instead)",
+                path.display()
+            ),
+            Self::Missing(path, None) => {
+                write!(f, "secret file {} does not exist", path.display())
+            }
+            Self::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+/// `(secret, key)` when a relative secret file follows the rendered layout `<secret>/<key>`.
+fn secret_and_key(source: &SecretSource) -> Option<(String, String)> {
+    let SecretSource::File(p) = source else {
+        return None;
+    };
+    if p.is_absolute() {
+        return None;
+    }
+    let parts: Vec<&str> = p
+        .components()
+        .map(|c| c.as_os_str().to_str())
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [secret, key] => Some((secret.to_string(), key.to_string())),
+        _ => None,
+    }
+}
+
+fn resolve(source: &SecretSource, base: &Path) -> Result<String, SecretError> {
     match source {
         SecretSource::Value(v) => Ok(v.clone()),
         SecretSource::Env(name) => std::env::var(name)
             .map(|v| v.trim().to_string())
-            .map_err(|_| format!("environment variable {name} is not set")),
+            .map_err(|_| SecretError::Other(format!("environment variable {name} is not set"))),
         SecretSource::File(_) => {
             let path = secret_path(source, base).unwrap_or_default();
-            std::fs::read_to_string(&path)
-                .map(|v| v.trim().to_string())
-                .map_err(|e| format!("secret file {} cannot be read: {e}", path.display()))
+            match std::fs::read_to_string(&path) {
+                Ok(v) => Ok(v.trim().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(SecretError::Missing(path, secret_and_key(source)))
+                }
+                Err(e) => Err(SecretError::Other(format!(
+                    "secret file {} cannot be read: {e}",
+                    path.display()
+                ))),
+            }
         }
     }
 }
@@ -438,6 +505,9 @@ pub fn build(
             "usage.postgresUrl is configured, but this gateway version does not write the usage ledger yet: usage is in the metrics only",
         );
     }
+    if let Some(dir) = &shared.secrets_dir {
+        config.secrets_dir = Some(dir.clone());
+    }
     let base = secrets_base(&config, config_path);
     let mut problems = Vec::new();
     let mut hasher = Sha256::new();
@@ -467,16 +537,12 @@ pub fn build(
 
     let mut models = HashMap::new();
     for m in &config.models {
-        let price = match &m.pricing {
-            Some(p) => match p.micros_per_million() {
-                Ok(v) => v,
-                Err(e) => {
-                    problems.push(format!("models {}: pricing: {e}", m.name));
-                    (0, 0)
-                }
-            },
-            None => (0, 0),
-        };
+        // An invalid price is one of GatewayConfig::problems().
+        let price = m
+            .pricing
+            .as_ref()
+            .and_then(|p| p.micros_per_million().ok())
+            .unwrap_or((0, 0));
         let name: Label = Arc::new(m.name.clone());
         let mut backends = Vec::new();
         for b in &m.backends {
@@ -587,6 +653,16 @@ pub fn build(
                 ));
                 None
             }
+            // In a pod the Secret is mounted before the gateway starts; a file that is
+            // not there yet keeps the gateway unready (the file is watched), while
+            // `check` only warns: the config itself is valid.
+            Err(e @ SecretError::Missing(..)) if shared.check_only => {
+                shared.warn_once(
+                    &source_name(&r.url, &base),
+                    &format!("redis.url: {e}; the gateway stays not ready until it can read it"),
+                );
+                None
+            }
             Err(e) => {
                 problems.push(format!("redis.url: {e}"));
                 None
@@ -616,11 +692,8 @@ pub fn build(
                 .model(&uk.model)
                 .and_then(|m| m.backends.iter().find(|b| b.name == uk.backend))
                 .map(|b| b.provider);
+            // A key naming no backend is one of GatewayConfig::problems().
             let Some(provider) = provider else {
-                problems.push(format!(
-                    "tenants {}: upstreamKeys names model {:?} backend {:?}, which does not exist",
-                    t.id, uk.model, uk.backend
-                ));
                 continue;
             };
             if let Some(v) = secret(
