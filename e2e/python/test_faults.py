@@ -191,8 +191,10 @@ def test_all_backends_down_fails_fast_with_a_clear_message(start_mock, start_gat
     assert time.monotonic() - t0 < 2
 
 
-def test_client_disconnect_cancels_the_upstream_and_is_accounted(start_mock, start_gateway):
-    mock = start_mock("slow", "--tokens-per-second", "20", "--reply-tokens", "200")
+def test_client_disconnect_mid_stream_is_charged_for_the_whole_upstream_answer(start_mock, start_gateway):
+    # The upstream generates (and bills) the answer whether or not the client stays: the
+    # gateway reads the stream to its end and charges its real usage.
+    mock = start_mock("slow", "--tokens-per-second", "20", "--reply-tokens", "60")
     gw = start_gateway(config_doc([model("gpt-4o", [backend(mock)])]))
     with httpx.Client(timeout=10) as c:
         with c.stream("POST", f"{gw.url}/v1/chat/completions", headers={"authorization": f"Bearer {TENANT_KEY}"},
@@ -203,12 +205,11 @@ def test_client_disconnect_cancels_the_upstream_and_is_accounted(start_mock, sta
                     seen += 1
                 if seen >= 3:
                     break
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and mock.stats()["streams_cancelled"] < 1:
-        time.sleep(0.05)
-    assert mock.stats()["streams_cancelled"] == 1, "the upstream request was cancelled"
-    assert mock.stats()["streams_completed"] == 0
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline and gw.metric("parley_requests_total", status="499") < 1:
         time.sleep(0.05)
     assert gw.metric("parley_requests_total", status="499") == 1
-    assert gw.metric("parley_tokens_total", kind="output") >= 2, "charged for what was generated"
+    stats = mock.stats()
+    assert stats["streams_completed"] == 1 and stats["streams_cancelled"] == 0, stats
+    assert gw.metric("parley_tokens_total", kind="output") == stats["completion_tokens_total"] == 60
+    assert gw.metric("parley_tokens_total", kind="input") == stats["prompt_tokens_total"]

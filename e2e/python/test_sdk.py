@@ -124,7 +124,8 @@ def test_anthropic_sdk_to_openai_backend_with_tools(setup):
     assert tool.input == {"location": "Paris"}
     assert (m.usage.input_tokens, m.usage.output_tokens) == usage_of(oai)
     sent = oai.stats()["last_request"]["body"]
-    assert sent["messages"][0] == {"role": "system", "content": "You help."}
+    # The Chatbot's systemPrompt goes first, then the client's own.
+    assert sent["messages"][0] == {"role": "system", "content": "You are a test bot.\nYou help."}
     assert sent["tools"][0]["function"]["name"] == "get_weather"
     assert sent["max_tokens"] == 200
     # Send the tool result back: it must reach the OpenAI backend as a `tool` message.
@@ -138,8 +139,9 @@ def test_anthropic_sdk_to_openai_backend_with_tools(setup):
     assert m2.stop_reason == "end_turn"
     assert "sunny" in m2.content[0].text
     sent = oai.stats()["last_request"]["body"]
-    assert sent["messages"][1]["tool_calls"][0]["id"] == tool.id
-    assert sent["messages"][2] == {"role": "tool", "tool_call_id": tool.id, "content": "sunny"}
+    assert sent["messages"][0] == {"role": "system", "content": "You are a test bot."}
+    assert sent["messages"][2]["tool_calls"][0]["id"] == tool.id
+    assert sent["messages"][3] == {"role": "tool", "tool_call_id": tool.id, "content": "sunny"}
     # Streamed, with a tool call.
     with client.messages.stream(model="gpt-4o", max_tokens=200, tools=TOOLS_ANTHROPIC,
                                 messages=[{"role": "user", "content": "weather in Paris?"}]) as s:
@@ -166,7 +168,8 @@ def test_openai_sdk_to_anthropic_backend_with_tools(setup):
     assert json.loads(call.function.arguments) == {"location": "Paris"}
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == usage_of(ant)
     sent = ant.stats()["last_request"]["body"]
-    assert sent["system"] == "You help."
+    # The Chatbot's systemPrompt goes first, then the client's own.
+    assert sent["system"] == "You are a test bot.\n\nYou help."
     assert sent["max_tokens"] == 4096, "the model's maxOutputTokens fills in max_tokens"
     assert sent["tools"][0]["input_schema"]["type"] == "object"
     r2 = client.chat.completions.create(

@@ -1,12 +1,12 @@
 //! Exact-match response cache (non-streaming responses of routes with `cache`, requests
-//! with an explicit `temperature: 0`).
+//! with an explicit `temperature: 0`). In process it is a bounded cache (`moka`): each
+//! entry lives its route's TTL, and the whole holds at most [`MAX_BYTES`] of bodies (the
+//! least used go first); no request ever sweeps it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -24,17 +24,47 @@ pub struct Entry {
     pub backend: Arc<String>,
     /// Its usage (not charged again on a hit).
     pub usage: Usage,
-    /// When it stops being served (in-process entries).
-    pub expires: Instant,
 }
 
-/// Most entries kept.
-const MAX_ENTRIES: usize = 10_000;
+/// Most body bytes kept in one process.
+pub const MAX_BYTES: u64 = 128 * 1024 * 1024;
+
+#[derive(Clone)]
+struct Stored {
+    entry: Entry,
+    ttl: Duration,
+}
+
+struct ByTtl;
+
+impl moka::Expiry<[u8; 32], Stored> for ByTtl {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Stored,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
 
 /// The cache.
-#[derive(Debug, Default)]
 pub struct ResponseCache {
-    inner: Mutex<HashMap<[u8; 32], Entry>>,
+    inner: moka::sync::Cache<[u8; 32], Stored>,
+}
+
+impl std::fmt::Debug for ResponseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseCache")
+            .field("entries", &self.inner.entry_count())
+            .finish()
+    }
+}
+
+impl Default for ResponseCache {
+    fn default() -> Self {
+        Self::with_max_bytes(MAX_BYTES)
+    }
 }
 
 /// The cache key: tenant, API format, model, effective system prompt, messages, tools,
@@ -71,48 +101,31 @@ pub fn key(tenant: &str, format: ApiFormat, model: &str, req: &Map<String, Value
 }
 
 impl ResponseCache {
-    /// A live entry.
-    pub fn get(&self, key: &[u8; 32]) -> Option<Entry> {
-        let now = Instant::now();
-        let mut map = self.inner.lock();
-        match map.get(key) {
-            Some(e) if e.expires > now => Some(e.clone()),
-            Some(_) => {
-                map.remove(key);
-                None
-            }
-            None => None,
+    /// A cache of at most `max` body bytes (each entry also counts 256 bytes).
+    pub fn with_max_bytes(max: u64) -> Self {
+        Self {
+            inner: moka::sync::Cache::builder()
+                .max_capacity(max)
+                .weigher(|_k, v: &Stored| {
+                    u32::try_from(v.entry.body.len().saturating_add(256)).unwrap_or(u32::MAX)
+                })
+                .expire_after(ByTtl)
+                .build(),
         }
     }
 
+    /// A live entry.
+    pub fn get(&self, key: &[u8; 32]) -> Option<Entry> {
+        self.inner.get(key).map(|s| s.entry)
+    }
+
     /// Stores an entry for `ttl`.
-    pub fn put(
-        &self,
-        key: [u8; 32],
-        body: Bytes,
-        model: Arc<String>,
-        backend: Arc<String>,
-        usage: Usage,
-        ttl: Duration,
-    ) {
-        let now = Instant::now();
-        let mut map = self.inner.lock();
-        if map.len() >= MAX_ENTRIES {
-            map.retain(|_, e| e.expires > now);
-            if map.len() >= MAX_ENTRIES {
-                return;
-            }
+    pub fn put(&self, key: [u8; 32], entry: Entry, ttl: Duration) {
+        if ttl.is_zero() {
+            self.inner.invalidate(&key);
+            return;
         }
-        map.insert(
-            key,
-            Entry {
-                body,
-                model,
-                backend,
-                usage,
-                expires: now + ttl,
-            },
-        );
+        self.inner.insert(key, Stored { entry, ttl });
     }
 }
 
@@ -131,23 +144,18 @@ mod tests {
         assert_ne!(a, key("a", ApiFormat::Anthropic, "m", req));
         assert_eq!(a, key("a", ApiFormat::OpenAi, "m", req));
         let c = ResponseCache::default();
-        c.put(
-            a,
-            Bytes::from_static(b"x"),
-            Arc::new("m".into()),
-            Arc::new("b".into()),
-            Usage::default(),
-            Duration::from_secs(5),
-        );
+        let entry = Entry {
+            body: Bytes::from_static(b"x"),
+            model: Arc::new("m".into()),
+            backend: Arc::new("b".into()),
+            usage: Usage::default(),
+        };
+        c.put(a, entry.clone(), Duration::from_secs(5));
         assert!(c.get(&a).is_some());
-        c.put(
-            a,
-            Bytes::from_static(b"x"),
-            Arc::new("m".into()),
-            Arc::new("b".into()),
-            Usage::default(),
-            Duration::ZERO,
-        );
+        c.put(a, entry.clone(), Duration::ZERO);
+        assert!(c.get(&a).is_none());
+        c.put(a, entry, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
         assert!(c.get(&a).is_none());
     }
 }

@@ -2,10 +2,11 @@
 //! with tenant keys, limits, routing with retries, fallbacks and circuit breaking, and
 //! translation between the two API formats.
 
+pub mod accounting;
+pub mod api;
 pub mod breaker;
 pub mod cache;
 pub mod error;
-pub mod handlers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
@@ -15,6 +16,7 @@ pub mod runtime;
 pub mod server;
 pub mod sessions;
 pub mod state;
+pub mod store;
 pub mod translate;
 
 use std::path::PathBuf;

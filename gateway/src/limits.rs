@@ -1,17 +1,21 @@
 //! Admission limits: tenant requests per minute/hour/day, tokens per minute, per-model
 //! quotas, per-session requests per minute and the monthly budget.
 //!
-//! [`Limiter`] is the seam; this file holds the in-process implementation, used when no
-//! Redis is configured (`redis_state` has the shared one). A per-minute limit of N admits at most N requests in any 60 s
-//! (an exact sliding log); hour and day limits count in sixty sub-windows. Tokens and
-//! cost are reserved at admission and settled to real usage afterwards.
+//! This file holds the in-process implementation, used when no Redis is configured
+//! (`redis_state` has the shared one; `store::Store` chooses). A per-minute limit of N
+//! admits at most N requests in any 60 s (an exact sliding log); hour and day limits
+//! count in sixty sub-windows. Tokens and cost are reserved at admission and settled to
+//! real usage afterwards.
+//!
+//! Each tenant's state has its own lock (one tenant's traffic never waits on another's),
+//! and per-session logs live in a bounded cache that forgets idle sessions: nothing on
+//! the request path sweeps a whole table.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use parley_crds::gateway_config::{ModelQuotaConfig, RateLimitConfig};
 
 /// What a request asks the limiter for.
@@ -70,23 +74,6 @@ pub struct Reservation {
     tokens: u64,
     cost_micros: i64,
     month: u32,
-}
-
-/// Admission limits, in process or shared (Redis).
-pub trait Limiter: Send + Sync + 'static {
-    /// Admits (reserving tokens and cost) or refuses a request; every scope is checked
-    /// and only an admitted request is counted.
-    fn admit(
-        &self,
-        req: &LimitRequest<'_>,
-    ) -> impl Future<Output = Result<Reservation, Refusal>> + Send;
-    /// Replaces the reservation with what was really used.
-    fn settle(
-        &self,
-        reservation: Reservation,
-        tokens: u64,
-        cost_micros: i64,
-    ) -> impl Future<Output = ()> + Send;
 }
 
 /// Exact sliding log of request times.
@@ -261,24 +248,35 @@ const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// Most session logs kept (the least recently used are forgotten first; an idle one
+/// after a minute, when it cannot refuse anything any more).
+const MAX_SESSION_LOGS: u64 = 100_000;
+
 /// The in-process limiter (one gateway replica).
-#[derive(Debug)]
 pub struct MemoryLimiter {
     base: Instant,
-    inner: Mutex<MemoryState>,
+    /// Tenant id -> its state, each behind its own lock. Tenants come from the config,
+    /// so the map is as large as the config.
+    tenants: RwLock<HashMap<String, Arc<Mutex<TenantState>>>>,
+    /// `(tenant, session)` -> its request log.
+    sessions: moka::sync::Cache<(String, String), Arc<Mutex<RequestLog>>>,
 }
 
-#[derive(Debug, Default)]
-struct MemoryState {
-    tenants: HashMap<String, TenantState>,
-    sessions: HashMap<(String, String), RequestLog>,
+impl std::fmt::Debug for MemoryLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLimiter").finish_non_exhaustive()
+    }
 }
 
 impl Default for MemoryLimiter {
     fn default() -> Self {
         Self {
             base: Instant::now(),
-            inner: Mutex::new(MemoryState::default()),
+            tenants: RwLock::new(HashMap::new()),
+            sessions: moka::sync::Cache::builder()
+                .max_capacity(MAX_SESSION_LOGS)
+                .time_to_idle(MINUTE + SECOND)
+                .build(),
         }
     }
 }
@@ -343,13 +341,15 @@ impl MemoryLimiter {
     pub fn admit_at(&self, req: &LimitRequest<'_>, now: Instant) -> Result<Reservation, Refusal> {
         let base = self.base;
         let month = current_month();
-        let mut guard = self.inner.lock();
-        let state = &mut *guard;
-        if let Some((session, rpm)) = req.session {
-            let log = state
-                .sessions
-                .entry((req.tenant.to_string(), session.to_string()))
-                .or_default();
+        // Lock order: the session's log, then the tenant's state.
+        let session_log = req.session.map(|(session, _)| {
+            self.sessions
+                .get_with((req.tenant.to_string(), session.to_string()), || {
+                    Arc::new(Mutex::new(RequestLog::default()))
+                })
+        });
+        let mut session_guard = session_log.as_ref().map(|l| l.lock());
+        if let (Some((session, rpm)), Some(log)) = (req.session, session_guard.as_deref_mut()) {
             log.check(now, MINUTE, rpm).map_err(|s| {
                 refuse(
                     format!("session requests per minute ({rpm}) for session {session:?}"),
@@ -359,14 +359,9 @@ impl MemoryLimiter {
                 )
             })?;
         }
-        if !state.tenants.contains_key(req.tenant) {
-            state
-                .tenants
-                .insert(req.tenant.to_string(), TenantState::default());
-        }
-        let Some(t) = state.tenants.get_mut(req.tenant) else {
-            return Err(refuse("tenant state".into(), 1, 0, "requests"));
-        };
+        let tenant = self.tenant(req.tenant);
+        let mut guard = tenant.lock();
+        let t = &mut *guard;
         if let Some(rl) = req.rate_limit {
             if let Some(n) = rl.requests_per_minute {
                 t.rpm.check(base, now, n).map_err(|s| {
@@ -477,18 +472,8 @@ impl MemoryLimiter {
             }
         }
         t.spent_micros = t.spent_micros.saturating_add(req.cost_micros);
-        if let Some((session, _)) = req.session
-            && let Some(log) = state
-                .sessions
-                .get_mut(&(req.tenant.to_string(), session.to_string()))
-        {
+        if let Some(log) = session_guard.as_deref_mut() {
             log.add(now);
-        }
-        if state.sessions.len() > 10_000 {
-            state.sessions.retain(|_, log| {
-                log.evict(now, MINUTE);
-                !log.times.is_empty()
-            });
         }
         Ok(Reservation {
             tenant: req.tenant.to_string(),
@@ -502,10 +487,11 @@ impl MemoryLimiter {
 
     /// Settles a reservation.
     pub fn settle_now(&self, r: Reservation, tokens: u64, cost_micros: i64) {
-        let mut guard = self.inner.lock();
-        let Some(t) = guard.tenants.get_mut(&r.tenant) else {
+        let Some(tenant) = self.tenants.read().get(&r.tenant).cloned() else {
             return;
         };
+        let mut guard = tenant.lock();
+        let t = &mut *guard;
         t.tpm.adjust(r.slot, r.tokens, tokens);
         if let Some((_, tlog)) = t.models.get_mut(&r.model) {
             tlog.adjust(r.slot, r.tokens, tokens);
@@ -519,21 +505,19 @@ impl MemoryLimiter {
 
     /// Micro-USD spent (and reserved) by a tenant this month.
     pub fn spent(&self, tenant: &str) -> i64 {
-        self.inner
-            .lock()
-            .tenants
+        self.tenants
+            .read()
             .get(tenant)
-            .map(|t| t.spent_micros)
+            .map(|t| t.lock().spent_micros)
             .unwrap_or(0)
     }
-}
 
-impl Limiter for Arc<MemoryLimiter> {
-    async fn admit(&self, req: &LimitRequest<'_>) -> Result<Reservation, Refusal> {
-        self.admit_at(req, Instant::now())
-    }
-    async fn settle(&self, reservation: Reservation, tokens: u64, cost_micros: i64) {
-        self.settle_now(reservation, tokens, cost_micros);
+    /// A tenant's state (made on first use).
+    fn tenant(&self, id: &str) -> Arc<Mutex<TenantState>> {
+        if let Some(t) = self.tenants.read().get(id) {
+            return Arc::clone(t);
+        }
+        Arc::clone(self.tenants.write().entry(id.to_string()).or_default())
     }
 }
 

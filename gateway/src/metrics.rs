@@ -160,6 +160,8 @@ pub struct Metrics {
     pub redis_errors: Family<OpLabel, Counter>,
     /// Admission decisions by backend and result.
     pub limit_decisions: Family<DecisionLabels, Counter>,
+    /// Requests answered 503 at once because the concurrency limit was reached.
+    pub load_shed: Counter,
 }
 
 impl Metrics {
@@ -238,6 +240,12 @@ impl Metrics {
             "Admission decisions by backend and result",
             limit_decisions.clone(),
         );
+        let load_shed = Counter::default();
+        registry.register(
+            "load_shed",
+            "Requests refused with 503 because the gateway was at its concurrency limit",
+            load_shed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -255,6 +263,7 @@ impl Metrics {
             in_flight,
             redis_errors,
             limit_decisions,
+            load_shed,
         }
     }
 

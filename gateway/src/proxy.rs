@@ -489,8 +489,11 @@ async fn attempt(
             Ok(Ok(c)) => c.to_bytes(),
             _ => Bytes::new(),
         };
+        // Never the upstream's body verbatim: only the message of a JSON error, bounded
+        // and without control characters.
         let upstream_msg = response::upstream_error_message(&body)
-            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+            .map(|m| sanitize_upstream_message(&m))
+            .unwrap_or_else(|| format!("a {}-byte answer that is not a JSON error", body.len()));
         let message = format!("HTTP {}: {}", status.as_u16(), upstream_msg);
         return Err(match status.as_u16() {
             429 => AttemptError::Retry(Failure::RateLimited {
@@ -583,7 +586,9 @@ async fn attempt(
             return Err(AttemptError::Retry(Failure::Server {
                 message: format!(
                     "stream failed before its first token: {}",
-                    ev.data.chars().take(200).collect::<String>()
+                    response::upstream_error_message(ev.data.as_bytes())
+                        .map(|m| sanitize_upstream_message(&m))
+                        .unwrap_or_else(|| "an error event".into())
                 ),
             }));
         }
@@ -640,6 +645,23 @@ fn full_response(
             })
         }
     }
+}
+
+/// Longest upstream error message passed on.
+const MAX_UPSTREAM_MESSAGE: usize = 300;
+
+/// An upstream's error message as the gateway repeats it: at most
+/// [`MAX_UPSTREAM_MESSAGE`] characters, control characters replaced by spaces.
+pub fn sanitize_upstream_message(message: &str) -> String {
+    let mut out: String = message
+        .chars()
+        .take(MAX_UPSTREAM_MESSAGE)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if message.chars().nth(MAX_UPSTREAM_MESSAGE).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -709,6 +731,17 @@ mod tests {
         assert!(first < 2 && second < 2, "positive weights first");
         assert_eq!(pick_backend(&m, &[], later), Some(2));
         assert_eq!(pick_backend(&m, &[], later), None);
+    }
+
+    #[test]
+    fn upstream_messages_are_bounded_and_clean() {
+        assert_eq!(
+            sanitize_upstream_message("bad\nthing\u{1b}[31m"),
+            "bad thing [31m"
+        );
+        let long = "x".repeat(1000);
+        let s = sanitize_upstream_message(&long);
+        assert_eq!(s.len(), MAX_UPSTREAM_MESSAGE + 3);
     }
 
     #[test]

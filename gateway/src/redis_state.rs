@@ -1070,7 +1070,10 @@ mod tests {
             ..Redis::connect(&url(), "x", "ns/other-cb", Arc::new(Metrics::new())).unwrap()
         };
         let k = a.tenant_key("ns/t", "rpm");
-        assert!(k.starts_with(&format!("{}{{ns/cb:ns/t}}:", a.prefix)), "{k}");
+        assert!(
+            k.starts_with(&format!("{}{{ns/cb:ns/t}}:", a.prefix)),
+            "{k}"
+        );
         let rl = RateLimitConfig {
             requests_per_minute: Some(1),
             ..Default::default()
@@ -1080,8 +1083,14 @@ mod tests {
         b.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
         let ttl = Duration::from_secs(60);
         assert!(
-            a.session_append("ns/t", "s", &[json!({"role": "user", "content": "x"})], 10, ttl)
-                .await
+            a.session_append(
+                "ns/t",
+                "s",
+                &[json!({"role": "user", "content": "x"})],
+                10,
+                ttl
+            )
+            .await
         );
         assert!(b.session_load("ns/t", "s", ttl).await.unwrap().is_empty());
         let e = CachedEntry {

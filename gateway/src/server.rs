@@ -1,10 +1,8 @@
 //! Listeners, the middleware stack, graceful shutdown.
 //!
-//! What happens to a chat request, outermost first:
-//! 1. hyper: HTTP/1.1 or HTTP/2, header size and count limits (431 beyond them);
-//! 2. `frame`: request id (the client's `x-request-id` or a new one), CORS when the
-//!    config allows the origin, `x-request-id` on the response;
-//! 3. the handler: auth, body limit, validation, limits, cache, routing, accounting.
+//! [`chat_router`] holds the one `ServiceBuilder` of the chat API: read top to bottom, it
+//! says what happens to every request before a handler (`api/`) sees it. hyper, below
+//! it, enforces the header limits (431 beyond 128 headers / 64 KiB).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,32 +20,212 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
 
-use crate::handlers::{self, RequestId};
+use crate::api::{self, chat, completions, models};
+use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::state::AppState;
 
-/// The chat API router.
+/// Requests served at once before new ones are shed with 503 (override with the
+/// environment variable `PARLEY_MAX_CONCURRENT_REQUESTS`). Each may hold a body of up to
+/// `limits.maxBodyBytes`, so this bounds the memory requests can take.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
+
+/// The concurrency limit in force.
+pub fn max_concurrent_requests() -> usize {
+    std::env::var("PARLEY_MAX_CONCURRENT_REQUESTS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS)
+}
+
+/// The chat API: routes, then the middleware stack around all of them.
 pub fn chat_router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route(
             "/v1/chat/completions",
-            post(handlers::chat_completions).fallback(handlers::method_not_allowed),
+            post(completions::chat_completions).fallback(api::method_not_allowed),
         )
         .route(
             "/v1/messages",
-            post(handlers::messages).fallback(handlers::method_not_allowed),
+            post(completions::messages)
+                .fallback(api::method_not_allowed)
+                // A panic here is answered in Anthropic's error shape.
+                .layer(CatchPanicLayer::custom(|p| {
+                    panic_response(p, ApiFormat::Anthropic)
+                })),
         )
         .route(
             "/v1/models",
-            get(handlers::models).fallback(handlers::method_not_allowed),
+            get(models::models).fallback(api::method_not_allowed),
         )
-        .route(
-            "/chat",
-            post(handlers::chat).fallback(handlers::method_not_allowed),
+        .route("/chat", post(chat::chat).fallback(api::method_not_allowed));
+    let routes = test_hooks(routes)
+        .fallback(api::not_found)
+        .with_state(Arc::clone(&state));
+    let shed = Arc::clone(&state);
+    let stack = ServiceBuilder::new()
+        // 1. A client's `x-request-id` is kept only if it is sane (1-128 visible ASCII
+        //    characters); otherwise it is replaced by a new one.
+        .map_request(drop_insane_request_id)
+        // 2. Every request has an id (the client's, or 32 random hex digits): in the
+        //    request (the handlers forward it upstream) and on every response.
+        .layer(SetRequestIdLayer::x_request_id(NewRequestId))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // 3. Keys never reach a trace or a debug print of the headers.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            HeaderName::from_static("x-api-key"),
+        ]))
+        // 4. One span per request (method, path, request id; never a header), so every
+        //    log line of a request carries its id. No per-request log events here: the
+        //    metrics count requests.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(())
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
         )
-        .fallback(handlers::not_found)
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), frame))
-        .with_state(state)
+        // 5. CORS from the live config (`cors.allowedOrigins`, read on each request, so a
+        //    reload applies at once); preflights are answered here.
+        .layer(cors(Arc::clone(&state)))
+        // 6. A panic anywhere below is a 500 in the API's error shape, never a dropped
+        //    connection; the process keeps serving.
+        .layer(CatchPanicLayer::custom(|p| {
+            panic_response(p, ApiFormat::OpenAi)
+        }))
+        // 7. Load shedding: beyond `max_concurrent_requests()` in flight, a request is
+        //    answered 503 with `Retry-After` at once (counted in
+        //    `parley_load_shed_total`) instead of queueing without bound.
+        .layer(HandleErrorLayer::new(
+            move |uri: Uri, err: tower::BoxError| {
+                let state = Arc::clone(&shed);
+                async move { overloaded(&state, &uri, &err) }
+            },
+        ))
+        .load_shed()
+        .concurrency_limit(max_concurrent_requests())
+        .service(routes);
+    Router::new().fallback_service(stack)
+}
+
+/// Test-only routes: `POST /_test/panic` panics in its handler. Present only in debug
+/// builds and only when `PARLEY_TEST_HOOKS=1`; never in a release build.
+fn test_hooks(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+    #[cfg(debug_assertions)]
+    {
+        if std::env::var("PARLEY_TEST_HOOKS").is_ok_and(|v| v == "1") {
+            #[allow(clippy::panic)]
+            async fn panic_now() -> Response {
+                panic!("injected panic (PARLEY_TEST_HOOKS)")
+            }
+            return routes.route("/_test/panic", post(panic_now).get(panic_now));
+        }
+    }
+    routes
+}
+
+fn drop_insane_request_id(mut req: Request) -> Request {
+    let insane = req.headers().get("x-request-id").is_some_and(|v| {
+        let b = v.as_bytes();
+        b.is_empty() || b.len() > 128 || !b.iter().all(|c| c.is_ascii_graphic())
+    });
+    if insane {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
+}
+
+/// New request ids: 32 random hex digits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NewRequestId;
+
+impl MakeRequestId for NewRequestId {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
+        let hex = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        HeaderValue::from_str(&hex).ok().map(RequestId::new)
+    }
+}
+
+fn request_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method = %req.method(), path = req.uri().path(), request_id = id)
+}
+
+fn cors(state: Arc<AppState>) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _parts| {
+            let rt = state.runtime.load();
+            let Some(allowed) = rt.cors.as_ref() else {
+                return false;
+            };
+            origin
+                .to_str()
+                .is_ok_and(|o| allowed.contains(o) || allowed.contains("*"))
+        }))
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("x-parley-model"),
+            HeaderName::from_static("x-parley-backend"),
+            HeaderName::from_static("x-parley-overhead-ms"),
+            HeaderName::from_static("x-parley-cache"),
+            header::RETRY_AFTER,
+        ])
+        .max_age(Duration::from_secs(600))
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send>, format: ApiFormat) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %what, "a request handler panicked; answered 500");
+    let mut resp = ApiError::new(
+        ErrorKind::Internal,
+        "the gateway failed on this request (an internal error, logged); retry it, and report it if it persists",
+    )
+    .into_response_for(format);
+    // The request's body may be unread: the connection is closed after this answer, and
+    // the client is told so (it must not send its next request on it).
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn overloaded(state: &AppState, uri: &Uri, err: &tower::BoxError) -> Response {
+    let format = if uri.path() == "/v1/messages" {
+        ApiFormat::Anthropic
+    } else {
+        ApiFormat::OpenAi
+    };
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        state.metrics.load_shed.inc();
+        let mut e = ApiError::new(
+            ErrorKind::Unavailable,
+            "the gateway is at its concurrency limit; retry after the time in Retry-After",
+        );
+        e.retry_after = Some(1);
+        return e.into_response_for(format);
+    }
+    ApiError::new(ErrorKind::Internal, "the request could not be served").into_response_for(format)
 }
 
 /// The admin router: `/healthz`, `/readyz`, `/metrics`.
@@ -57,7 +235,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .route(
             "/readyz",
             get(|State(s): State<Arc<AppState>>| async move {
-                if handlers::ready(&s) {
+                if api::ready(&s) {
                     (StatusCode::OK, "ready\n").into_response()
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
@@ -77,75 +255,6 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
             }),
         )
         .with_state(state)
-}
-
-fn new_request_id() -> HeaderValue {
-    let hex = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-fn valid_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
-}
-
-async fn frame(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    let rid = req
-        .headers()
-        .get("x-request-id")
-        .filter(|v| valid_request_id(v))
-        .cloned()
-        .unwrap_or_else(new_request_id);
-    req.extensions_mut().insert(RequestId(rid.clone()));
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let allowed = origin.as_ref().and_then(|o| {
-        let rt = state.runtime.load();
-        let cors = rt.cors.as_ref()?;
-        let o = o.to_str().ok()?;
-        (cors.contains(o) || cors.contains("*")).then_some(())
-    });
-    if allowed.is_some() && req.method() == Method::OPTIONS {
-        let mut resp = StatusCode::NO_CONTENT.into_response();
-        let h = resp.headers_mut();
-        if let Some(o) = &origin {
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
-        }
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, POST, OPTIONS"),
-        );
-        let req_headers = req
-            .headers()
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .cloned()
-            .unwrap_or_else(|| {
-                HeaderValue::from_static(
-                    "authorization, content-type, x-api-key, anthropic-version",
-                )
-            });
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, req_headers);
-        h.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-        h.insert(header::VARY, HeaderValue::from_static("Origin"));
-        h.insert("x-request-id", rid);
-        return resp;
-    }
-    let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
-    h.insert("x-request-id", rid);
-    if allowed.is_some()
-        && let Some(o) = origin
-    {
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-        h.insert(header::VARY, HeaderValue::from_static("Origin"));
-        h.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("x-request-id, x-parley-model, x-parley-backend, x-parley-overhead-ms, x-parley-cache, retry-after"),
-        );
-    }
-    resp
 }
 
 /// Serves `router` on `listener` until `shutdown`; then stops accepting (the listener

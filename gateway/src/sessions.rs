@@ -1,35 +1,20 @@
 //! Conversation history of the `/chat` session API.
 //!
-//! [`SessionStore`] is the seam for the Redis implementation; [`MemorySessions`] keeps
-//! sessions in this process. Sessions are keyed by tenant and session id, so one tenant
-//! never sees another's.
+//! [`MemorySessions`] keeps sessions in this process (`redis_state` keeps them in Redis;
+//! `store::Store` chooses). Sessions are keyed by tenant and session id, so one tenant
+//! never sees another's. The map is a bounded cache (`moka`): each session expires its
+//! TTL after its last use, and beyond [`MAX_SESSIONS`] the least recently used go first;
+//! no request ever sweeps the whole map.
 
-use std::collections::HashMap;
-use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::Value;
 
-/// Stored conversations.
-pub trait SessionStore: Send + Sync + 'static {
-    /// The stored history (OpenAI-format messages), refreshing its TTL.
-    fn load(
-        &self,
-        tenant: &str,
-        session: &str,
-        ttl: Duration,
-    ) -> impl Future<Output = Vec<Value>> + Send;
-    /// Appends messages, trims to `max_messages` and refreshes the TTL.
-    fn append(
-        &self,
-        tenant: &str,
-        session: &str,
-        messages: Vec<Value>,
-        max_messages: usize,
-        ttl: Duration,
-    ) -> impl Future<Output = ()> + Send;
-}
+/// Most sessions kept in one process.
+pub const MAX_SESSIONS: u64 = 100_000;
 
 /// Keeps the last `max` messages without leaving a tool result whose call was cut off:
 /// the cut moves forward past any leading `tool` messages.
@@ -45,45 +30,92 @@ pub fn trim(messages: &mut Vec<Value>, max: usize) {
     messages.drain(..cut);
 }
 
-#[derive(Debug)]
-struct Session {
-    messages: Vec<Value>,
-    expires: Instant,
-}
-
-/// Sessions in this process.
+/// One session: its messages and its TTL (read by the cache's expiry on every use).
 #[derive(Debug, Default)]
-pub struct MemorySessions {
-    inner: Mutex<HashMap<(String, String), Session>>,
+struct Session {
+    ttl_ms: AtomicU64,
+    messages: Mutex<Vec<Value>>,
 }
 
-impl MemorySessions {
-    fn sweep(map: &mut HashMap<(String, String), Session>, now: Instant) {
-        if map.len() > 1024 {
-            map.retain(|_, s| s.expires > now);
-        }
+struct SessionExpiry;
+
+impl moka::Expiry<(String, String), Arc<Session>> for SessionExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(String, String),
+        value: &Arc<Session>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(value.ttl_ms.load(Ordering::Relaxed)))
+    }
+    fn expire_after_read(
+        &self,
+        _key: &(String, String),
+        value: &Arc<Session>,
+        _now: Instant,
+        _current: Option<Duration>,
+        _last_modified_at: Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(value.ttl_ms.load(Ordering::Relaxed)))
+    }
+    fn expire_after_update(
+        &self,
+        _key: &(String, String),
+        value: &Arc<Session>,
+        _now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(Duration::from_millis(value.ttl_ms.load(Ordering::Relaxed)))
     }
 }
 
-impl SessionStore for std::sync::Arc<MemorySessions> {
-    async fn load(&self, tenant: &str, session: &str, ttl: Duration) -> Vec<Value> {
-        let now = Instant::now();
-        let mut map = self.inner.lock();
-        let key = (tenant.to_string(), session.to_string());
-        match map.get_mut(&key) {
-            Some(s) if s.expires > now => {
-                s.expires = now + ttl;
-                s.messages.clone()
-            }
-            Some(_) => {
-                map.remove(&key);
-                Vec::new()
+/// Sessions in this process.
+pub struct MemorySessions {
+    inner: moka::sync::Cache<(String, String), Arc<Session>>,
+}
+
+impl std::fmt::Debug for MemorySessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemorySessions")
+            .field("entries", &self.inner.entry_count())
+            .finish()
+    }
+}
+
+impl Default for MemorySessions {
+    fn default() -> Self {
+        Self::with_capacity(MAX_SESSIONS)
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl MemorySessions {
+    /// At most `max` sessions.
+    pub fn with_capacity(max: u64) -> Self {
+        Self {
+            inner: moka::sync::Cache::builder()
+                .max_capacity(max)
+                .expire_after(SessionExpiry)
+                .build(),
+        }
+    }
+
+    /// The stored history (OpenAI-format messages), refreshing its TTL.
+    pub fn load(&self, tenant: &str, session: &str, ttl: Duration) -> Vec<Value> {
+        match self.inner.get(&(tenant.to_string(), session.to_string())) {
+            Some(s) => {
+                s.ttl_ms.store(ttl_ms(ttl), Ordering::Relaxed);
+                s.messages.lock().clone()
             }
             None => Vec::new(),
         }
     }
 
-    async fn append(
+    /// Appends messages, trims to `max` and refreshes the TTL.
+    pub fn append(
         &self,
         tenant: &str,
         session: &str,
@@ -91,21 +123,29 @@ impl SessionStore for std::sync::Arc<MemorySessions> {
         max: usize,
         ttl: Duration,
     ) {
-        let now = Instant::now();
-        let mut map = self.inner.lock();
-        MemorySessions::sweep(&mut map, now);
-        let s = map
-            .entry((tenant.to_string(), session.to_string()))
-            .or_insert_with(|| Session {
-                messages: Vec::new(),
-                expires: now + ttl,
+        let s = self
+            .inner
+            .get_with((tenant.to_string(), session.to_string()), || {
+                Arc::new(Session {
+                    ttl_ms: AtomicU64::new(ttl_ms(ttl)),
+                    messages: Mutex::new(Vec::new()),
+                })
             });
-        if s.expires <= now {
-            s.messages.clear();
-        }
-        s.messages.append(&mut messages);
-        trim(&mut s.messages, max);
-        s.expires = now + ttl;
+        s.ttl_ms.store(ttl_ms(ttl), Ordering::Relaxed);
+        let mut m = s.messages.lock();
+        m.append(&mut messages);
+        trim(&mut m, max);
+    }
+
+    /// Sessions held (approximate; for tests and metrics).
+    pub fn len(&self) -> u64 {
+        self.inner.run_pending_tasks();
+        self.inner.entry_count()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -114,7 +154,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::json;
-    use std::sync::Arc;
 
     #[test]
     fn trim_keeps_tool_calls_with_results() {
@@ -137,9 +176,9 @@ mod tests {
         assert_eq!(m[0]["role"], "assistant");
     }
 
-    #[tokio::test]
-    async fn sessions_are_per_tenant_and_expire() {
-        let s = Arc::new(MemorySessions::default());
+    #[test]
+    fn sessions_are_per_tenant_expire_and_stay_bounded() {
+        let s = MemorySessions::default();
         let ttl = Duration::from_secs(60);
         s.append(
             "a",
@@ -147,12 +186,22 @@ mod tests {
             vec![json!({"role": "user", "content": "hi"})],
             10,
             ttl,
-        )
-        .await;
-        assert_eq!(s.load("a", "s1", ttl).await.len(), 1);
-        assert!(s.load("b", "s1", ttl).await.is_empty());
-        s.append("a", "s2", vec![json!({"role": "user"})], 10, Duration::ZERO)
-            .await;
-        assert!(s.load("a", "s2", ttl).await.is_empty());
+        );
+        assert_eq!(s.load("a", "s1", ttl).len(), 1);
+        assert!(s.load("b", "s1", ttl).is_empty());
+        s.append("a", "s2", vec![json!({"role": "user"})], 10, Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(s.load("a", "s2", ttl).is_empty());
+        let small = MemorySessions::with_capacity(100);
+        for i in 0..1000 {
+            small.append(
+                "a",
+                &format!("s{i}"),
+                vec![json!({"role": "user"})],
+                10,
+                ttl,
+            );
+        }
+        assert!(small.len() <= 100, "{}", small.len());
     }
 }

@@ -20,11 +20,12 @@ pub struct AppState {
     pub shared: Shared,
     /// Metrics (also in `shared`).
     pub metrics: Arc<Metrics>,
-    /// Admission limits (in process; Redis comes later behind the same trait).
+    /// In-process admission limits (used when the config has no `redis`; handlers reach
+    /// them only through `store::Store`).
     pub limiter: Arc<MemoryLimiter>,
-    /// `/chat` sessions.
+    /// In-process `/chat` sessions (likewise).
     pub sessions: Arc<MemorySessions>,
-    /// Response cache.
+    /// In-process response cache (likewise).
     pub cache: ResponseCache,
     /// Set on SIGTERM: `/readyz` fails.
     pub draining: AtomicBool,

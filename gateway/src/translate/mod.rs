@@ -1,6 +1,8 @@
 //! Translation between the OpenAI Chat Completions and Anthropic Messages formats:
 //! requests, responses and streams.
 
+#[cfg(test)]
+mod props;
 pub mod request;
 pub mod response;
 pub mod sse;

@@ -13,10 +13,13 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Buffers bytes until events are complete. Holds at most one partial event.
+/// Buffers bytes until events are complete. Holds at most one partial event. Each byte
+/// is scanned for an event boundary once, however the stream is chunked.
 #[derive(Default, Debug)]
 pub struct SseParser {
     buf: BytesMut,
+    /// Bytes of `buf` already known to hold no boundary.
+    scanned: usize,
 }
 
 /// Largest partial event kept; a peer that never ends an event is cut off.
@@ -36,7 +39,12 @@ impl SseParser {
     /// The next complete event, if one is buffered.
     pub fn next_event(&mut self) -> Option<SseEvent> {
         loop {
-            let (end, term) = find_boundary(&self.buf)?;
+            let Some((end, term)) = find_boundary(&self.buf, self.scanned) else {
+                // A boundary may start at the last byte or two ("\n", "\n\r").
+                self.scanned = self.buf.len().saturating_sub(2);
+                return None;
+            };
+            self.scanned = 0;
             let raw = self.buf.split_to(end + term).freeze();
             let event = parse_fields(&raw[..end], raw.clone());
             // Comment-only or empty blocks carry nothing.
@@ -47,9 +55,10 @@ impl SseParser {
     }
 }
 
-fn find_boundary(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+fn find_boundary(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i + 1 < buf.len() {
+        i += memchr_newline(&buf[i..buf.len() - 1])?;
         if buf[i] == b'\n' {
             if buf[i + 1] == b'\n' {
                 return Some((i, 2));
@@ -61,6 +70,10 @@ fn find_boundary(buf: &[u8]) -> Option<(usize, usize)> {
         i += 1;
     }
     None
+}
+
+fn memchr_newline(b: &[u8]) -> Option<usize> {
+    b.iter().position(|c| *c == b'\n')
 }
 
 fn parse_fields(block: &[u8], raw: Bytes) -> SseEvent {
@@ -111,6 +124,47 @@ mod tests {
         assert_eq!(e.data, "[DONE]");
         assert!(p.next_event().is_none());
         assert_eq!(p.pending(), 0);
+    }
+
+    fn events_of(input: &[u8], cuts: &[usize]) -> (Vec<SseEvent>, usize) {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            let c = c.clamp(last, input.len());
+            p.push(&input[last..c]);
+            last = c;
+            while let Some(e) = p.next_event() {
+                out.push(e);
+            }
+        }
+        (out, p.pending())
+    }
+
+    proptest::proptest! {
+        /// However a stream is cut into chunks, the same events come out.
+        #[test]
+        fn any_chunking_gives_the_same_events(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("data: {\"a\":1}\n\n".to_string()),
+                    proptest::strategy::Just("event: x\r\ndata: y\r\n\r\n".to_string()),
+                    proptest::strategy::Just(": ping\n\n".to_string()),
+                    proptest::strategy::Just("data: [DONE]\n\n".to_string()),
+                    "[a-z:\n\r ]{0,12}",
+                ],
+                0..12,
+            ),
+            mut cuts in proptest::collection::vec(0usize..200, 0..10),
+        ) {
+            let input = parts.concat().into_bytes();
+            cuts.sort_unstable();
+            let whole = events_of(&input, &[]);
+            let chunked = events_of(&input, &cuts);
+            proptest::prop_assert_eq!(&whole, &chunked);
+            let bytewise: Vec<usize> = (0..input.len()).collect();
+            proptest::prop_assert_eq!(whole, events_of(&input, &bytewise));
+        }
     }
 
     #[test]

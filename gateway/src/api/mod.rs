@@ -1,0 +1,484 @@
+//! The chat API: one file per endpoint (`completions` for `/v1/chat/completions` and
+//! `/v1/messages`, `chat` for `/chat`, `models` for `/v1/models`), each read top to bottom:
+//! authenticate from the headers, read and check the body, admit, then hand the upstream
+//! exchange to a spawned task (so a client that goes away cannot cancel the call or its
+//! accounting) and shape the answer.
+//!
+//! Handlers return `Result<Response, ApiError>`; [`Ctx::respond`] renders an error in
+//! the API's own shape and records it.
+
+pub mod chat;
+pub mod completions;
+pub mod models;
+pub mod stream;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::accounting::Accounting;
+use crate::error::{ApiError, ApiFormat, ErrorKind};
+use crate::limits::{LimitRequest, Refusal, RefusalKind};
+use crate::metrics::RefusalLabels;
+use crate::runtime::{Model, Runtime, Tenant, cost_at};
+use crate::state::AppState;
+use crate::store::{Held, Store};
+
+/// Most messages accepted in one request.
+pub const MAX_MESSAGES: usize = 10_000;
+/// Bytes read past the body limit before answering 413 (so an authenticated client gets
+/// the answer instead of a reset).
+const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of an unauthenticated request's body read before answering 401: enough that a
+/// normal client's connection stays usable, never more.
+const ANONYMOUS_DRAIN_BYTES: u64 = 64 * 1024;
+
+/// One request being served: its state, format and accounting.
+pub struct Ctx {
+    /// Process state.
+    pub state: Arc<AppState>,
+    /// Shape of answers and errors.
+    pub format: ApiFormat,
+    /// Accounting, until the upstream exchange takes it over.
+    pub acct: Option<Accounting>,
+    /// The model named in error responses' `x-parley-model`.
+    pub model: Option<Arc<String>>,
+    /// Set if this handler is dropped before it answered (the client went away).
+    client_gone: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The request body was not read to its end: the connection cannot be reused, so
+    /// the answer says `connection: close` (a client must not send its next request on
+    /// a connection the gateway is about to close).
+    pub body_unread: bool,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if let Some(gone) = &self.client_gone {
+            gone.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Ctx {
+    /// A request arriving now on `api`.
+    pub fn new(state: &Arc<AppState>, format: ApiFormat, api: &'static str) -> Self {
+        let acct = Accounting::new(state, api, Instant::now());
+        Self {
+            state: Arc::clone(state),
+            format,
+            client_gone: Some(acct.client_gone()),
+            acct: Some(acct),
+            model: None,
+            body_unread: false,
+        }
+    }
+
+    /// The config snapshot this request is served with (503 until one is loaded).
+    pub fn runtime(&self) -> Result<Arc<Runtime>, ApiError> {
+        Self::runtime_of(&self.state)
+    }
+
+    /// The config snapshot to serve with (503 until one is loaded).
+    pub fn runtime_of(state: &AppState) -> Result<Arc<Runtime>, ApiError> {
+        if !state.loaded.load(Ordering::Acquire) {
+            return Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "the gateway has no valid configuration yet; retry later",
+            ));
+        }
+        Ok(state.runtime.load_full())
+    }
+
+    fn start(&self) -> Instant {
+        self.acct
+            .as_ref()
+            .map(Accounting::start)
+            .unwrap_or_else(Instant::now)
+    }
+
+    /// The response for a handler's result: an error in the API's shape (recorded with
+    /// its status), or the answer as it is.
+    pub fn respond(mut self, result: Result<Response, ApiError>) -> Response {
+        // Answered: the client is still there.
+        self.client_gone = None;
+        match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                let status = e.status().as_u16();
+                let mut resp = e.into_response_for(self.format);
+                if self.body_unread {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                let model = self.model.as_deref().map(String::as_str).unwrap_or("none");
+                set_common(&mut resp, model, "none", self.start().elapsed());
+                if let Some(acct) = self.acct.as_mut() {
+                    acct.finish(status, crate::translate::Usage::default());
+                }
+                resp
+            }
+        }
+    }
+}
+
+/// The key a request carries: `Authorization: Bearer <key>` or `x-api-key: <key>`.
+fn api_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let b = v.as_bytes();
+        if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ") {
+            return Some(b[7..].trim_ascii());
+        }
+    }
+    headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii())
+}
+
+/// The tenant (its index in `rt.tenants`) whose key the headers carry. Decided from the
+/// headers alone, before any byte of the body is read.
+pub fn authenticate(rt: &Runtime, headers: &HeaderMap) -> Result<usize, ApiError> {
+    let Some(key) = api_key(headers).filter(|k| !k.is_empty()) else {
+        return Err(ApiError::new(
+            ErrorKind::Authentication,
+            "missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`",
+        ));
+    };
+    let digest: [u8; 32] = Sha256::digest(key).into();
+    rt.keys.get(&digest).copied().ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::Authentication,
+            "invalid API key: check the key you were given",
+        )
+    })
+}
+
+/// Drops a request's body that will not be used (the client is unknown, or the gateway
+/// cannot serve) after reading at most [`ANONYMOUS_DRAIN_BYTES`] of it: a small body is
+/// consumed, so the connection stays usable; a large one is never read. `true` if the
+/// body was read to its end.
+pub async fn discard_body(body: Body) -> bool {
+    let mut body = body;
+    let mut seen: u64 = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+    while seen <= ANONYMOUS_DRAIN_BYTES {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    seen += d.len() as u64;
+                }
+            }
+            Ok(None) => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The config snapshot and the tenant (its index) of a request, decided before any of
+/// its body is read; on refusal the body is discarded (see [`discard_body`]).
+pub async fn admit_caller(
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    body: &mut Option<Body>,
+) -> Result<(Arc<Runtime>, usize), ApiError> {
+    let refused = match ctx.runtime() {
+        Ok(rt) => match authenticate(&rt, headers) {
+            Ok(ti) => {
+                if let Some(acct) = ctx.acct.as_mut() {
+                    acct.tenant = Arc::clone(&rt.tenants[ti].id);
+                }
+                return Ok((rt, ti));
+            }
+            Err(e) => e,
+        },
+        Err(e) => e,
+    };
+    if let Some(b) = body.take() {
+        ctx.body_unread = !discard_body(b).await;
+    }
+    Err(refused)
+}
+
+/// Reads the body up to `limit` bytes; a larger body is drained (up to a bound) and
+/// answered with 413, so the client reads the answer rather than a reset. Called only
+/// once the client is authenticated.
+pub async fn read_body(
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = body;
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit) as usize);
+    let mut total: u64 = 0;
+    let mut over = declared.is_some_and(|n| n > limit);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                ctx.body_unread = true;
+                return Err(ApiError::invalid(
+                    "request body was not received within 30 s",
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                ctx.body_unread = true;
+                return Err(ApiError::invalid("request body could not be read"));
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            if total > limit {
+                over = true;
+            }
+            if over {
+                if total > DRAIN_BYTES {
+                    ctx.body_unread = true;
+                    break;
+                }
+            } else {
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    if over {
+        return Err(ApiError::new(
+            ErrorKind::TooLarge,
+            format!(
+                "request body is larger than the limit of {limit} bytes; send a shorter conversation"
+            ),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+/// The body as a JSON object.
+pub fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::invalid("the request body must be a JSON object")),
+        Err(e) => Err(ApiError::invalid(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// `x-parley-model`, `x-parley-backend` and `x-parley-overhead-ms`.
+pub fn set_common(resp: &mut Response, model: &str, backend: &str, overhead: Duration) {
+    let h = resp.headers_mut();
+    h.insert("x-parley-model", header_value(model));
+    h.insert("x-parley-backend", header_value(backend));
+    h.insert(
+        "x-parley-overhead-ms",
+        header_value(&format!("{:.3}", overhead.as_secs_f64() * 1000.0)),
+    );
+}
+
+/// A JSON answer.
+pub fn json_response(body: Bytes) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The model a request names and its fallback chain as this tenant may use it. Once the
+/// model is known it is recorded in `ctx`, so refusals are counted under it.
+pub fn resolve_model(
+    rt: &Runtime,
+    tenant: &Tenant,
+    name: &str,
+    ctx: &mut Ctx,
+) -> Result<(Arc<Model>, Vec<Arc<Model>>), ApiError> {
+    let Some(model) = rt.models.get(name) else {
+        let mut known: Vec<&str> = rt
+            .models
+            .keys()
+            .map(String::as_str)
+            .filter(|m| tenant.may_use(m))
+            .collect();
+        known.sort_unstable();
+        return Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!(
+                "model {name:?} does not exist; available models: {}",
+                known.join(", ")
+            ),
+        ));
+    };
+    if let Some(acct) = ctx.acct.as_mut() {
+        acct.model = Arc::clone(&model.name);
+        acct.price = Some(model.price);
+    }
+    if !tenant.may_use(name) {
+        return Err(ApiError::new(
+            ErrorKind::Permission,
+            format!(
+                "model {name:?} is not allowed for your API key; ask for it to be added to your allowedModels"
+            ),
+        ));
+    }
+    ctx.model = Some(Arc::clone(&model.name));
+    let chain = rt
+        .chain(name)
+        .into_iter()
+        .filter(|m| tenant.may_use(&m.name))
+        .collect();
+    Ok((Arc::clone(model), chain))
+}
+
+/// Input-token estimate (about 4 bytes a token) of `bytes` of prompt.
+pub fn estimate_prompt_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4)
+}
+
+/// `max_completion_tokens` or `max_tokens`.
+pub fn requested_max_tokens(body: &Map<String, Value>) -> Option<u64> {
+    body.get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| body.get("max_tokens").and_then(Value::as_u64))
+}
+
+/// Admission through the state seam: reserves `prompt_bytes / 4` input tokens plus
+/// `max_out` (or the model's `maxOutputTokens`), at the highest price on the fallback
+/// chain. A refusal becomes 429 (with `Retry-After` and `x-ratelimit-*`), 402 or 503.
+pub async fn admit(
+    state: &AppState,
+    rt: &Runtime,
+    tenant: &Tenant,
+    model: &Model,
+    prompt_bytes: usize,
+    max_out: Option<u64>,
+    session: Option<(&str, u64)>,
+) -> Result<Held, ApiError> {
+    let prompt = estimate_prompt_tokens(prompt_bytes);
+    let max_out = max_out.unwrap_or(u64::from(model.config.max_output_tokens));
+    let req = LimitRequest {
+        tenant: &tenant.id,
+        rate_limit: tenant.rate_limit.as_ref(),
+        quota: tenant.quotas.get(model.name.as_str()),
+        model: &model.name,
+        session,
+        tokens: prompt.saturating_add(max_out),
+        budget_micros: tenant.budget_micros,
+        cost_micros: cost_at(model.chain_price, prompt, max_out),
+    };
+    Store::of(state, rt)
+        .admit(&req)
+        .await
+        .map_err(|refusal| refused(state, tenant, refusal))
+}
+
+fn refused(state: &AppState, tenant: &Tenant, refusal: Refusal) -> ApiError {
+    let (kind, limit) = match refusal.kind {
+        RefusalKind::Rate => (ErrorKind::RateLimited, "rate"),
+        RefusalKind::Budget => (ErrorKind::Budget, "budget"),
+        RefusalKind::Unavailable => (ErrorKind::Unavailable, "unavailable"),
+    };
+    state
+        .metrics
+        .refusals
+        .get_or_create(&RefusalLabels {
+            tenant: Arc::clone(&tenant.id),
+            limit,
+        })
+        .inc();
+    let mut e = ApiError::new(kind, refusal.message);
+    match refusal.kind {
+        RefusalKind::Unavailable => e.retry_after = Some(refusal.retry_after),
+        RefusalKind::Rate => {
+            let unit = if refusal.unit == "tokens" {
+                "tokens"
+            } else {
+                "requests"
+            };
+            e.retry_after = Some(refusal.retry_after);
+            e.rate_headers = vec![
+                (
+                    if unit == "tokens" {
+                        "x-ratelimit-limit-tokens"
+                    } else {
+                        "x-ratelimit-limit-requests"
+                    },
+                    refusal.limit.to_string(),
+                ),
+                (
+                    if unit == "tokens" {
+                        "x-ratelimit-remaining-tokens"
+                    } else {
+                        "x-ratelimit-remaining-requests"
+                    },
+                    "0".into(),
+                ),
+                (
+                    if unit == "tokens" {
+                        "x-ratelimit-reset-tokens"
+                    } else {
+                        "x-ratelimit-reset-requests"
+                    },
+                    format!("{}s", refusal.retry_after),
+                ),
+            ];
+        }
+        RefusalKind::Budget => {}
+    }
+    e
+}
+
+/// Runs the upstream exchange `work` in its own task, so that it (and the accounting it
+/// owns) completes even if the client goes away and this handler is dropped. A panic in
+/// it is raised again here, where the server's panic layer answers 500.
+pub async fn outlive_client<F>(work: F) -> Response
+where
+    F: Future<Output = Response> + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(resp) => resp,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => ApiError::new(ErrorKind::Internal, "the request was cancelled")
+            .into_response_for(ApiFormat::OpenAi),
+    }
+}
+
+/// Unknown paths.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!(
+            "no such endpoint {}; use /v1/chat/completions, /v1/messages, /v1/models or /chat",
+            uri.path()
+        ),
+    )
+    .into_response_for(ApiFormat::OpenAi)
+}
+
+/// Wrong method on a known path.
+pub async fn method_not_allowed() -> Response {
+    let mut r = ApiError::invalid("method not allowed on this endpoint")
+        .into_response_for(ApiFormat::OpenAi);
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    r
+}
+
+/// Readiness for the admin listener: a valid config is loaded and no drain started.
+pub fn ready(state: &AppState) -> bool {
+    state.loaded.load(Ordering::Acquire) && !state.draining.load(Ordering::Relaxed)
+}
