@@ -294,3 +294,27 @@ def test_a_chat_turn_that_cannot_be_stored_is_an_error_not_200(start_mock, start
     assert "could not be stored" in r.json()["error"]["message"]
     # The upstream answered, so the tokens are charged all the same.
     assert gw.metric("parley_tokens_total", tenant="test/acme", kind="output") == mock.stats()["completion_tokens_total"]
+
+
+def test_a_missing_redis_url_file_degrades_shared_state_not_the_config(start_mock, start_gateway, shared_redis):
+    mock = start_mock("m")
+    tenant = f"test/nourl-{uuid.uuid4().hex[:8]}"
+    key = f"sk-nourl-{uuid.uuid4().hex}"
+    doc = config_doc([model("gpt-4o", [backend(mock)])], chatbot="ns/nourl",
+                     redis={"url": {"file": "redis/url"}}, rateLimitFailureMode="open")
+    doc["tenants"] = [{"id": tenant, "apiKeys": [{"value": key}], "rateLimit": {"requestsPerMinute": 1}}]
+    gw = start_gateway(doc)  # ready: the config is valid, only Redis is missing
+    assert "redis.url" in gw.proc.stderr() and "rateLimitFailureMode" in gw.proc.stderr()
+    # Open: admitted without limits; sessions need Redis: 503 that says so.
+    for _ in range(3):
+        assert gw.post("/v1/chat/completions", {"messages": MSG}, key=key).status_code == 200
+    r = gw.post("/chat", {"session_id": "s", "messages": "hi"}, key=key)
+    assert r.status_code == 503 and "Redis" in r.json()["error"]["message"], r.text
+    assert gw.metric("parley_limit_decisions_total", backend="redis", result="redis_down_open") >= 3
+    # The file appears (a Secret mounted late): the reload picks it up and limits apply.
+    secret = gw.config_path.parent / "redis"
+    secret.mkdir()
+    (secret / "url").write_text(shared_redis + "\n")
+    _wait_for(lambda: gw.post("/v1/chat/completions", {"messages": MSG}, key=key).status_code == 429, 15,
+              "limits through Redis once its URL can be read")
+    assert gw.post("/chat", {"session_id": "s", "messages": "hi"}, key=key).status_code in (200, 429)

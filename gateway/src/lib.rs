@@ -3,6 +3,7 @@
 //! translation between the two API formats.
 
 pub mod accounting;
+pub mod admission;
 pub mod api;
 pub mod breaker;
 pub mod cache;

@@ -653,13 +653,20 @@ pub fn build(
                 ));
                 None
             }
-            // In a pod the Secret is mounted before the gateway starts; a file that is
-            // not there yet keeps the gateway unready (the file is watched), while
-            // `check` only warns: the config itself is valid.
-            Err(e @ SecretError::Missing(..)) if shared.check_only => {
+            // A file that is not there (yet) degrades the shared state, not the whole
+            // config: until it appears (the file is watched) limits follow
+            // `rateLimitFailureMode`, `/chat` answers 503 and the cache is off, exactly
+            // as while Redis is unreachable (`store::Store::RedisDown`).
+            Err(e @ SecretError::Missing(..)) => {
                 shared.warn_once(
                     &source_name(&r.url, &base),
-                    &format!("redis.url: {e}; the gateway stays not ready until it can read it"),
+                    &format!(
+                        "redis.url: {e}; until it can be read, limits follow rateLimitFailureMode ({}), /chat answers 503 and the response cache is off",
+                        match config.rate_limit_failure_mode {
+                            parley_crds::gateway_config::FailureMode::Open => "open: admitted without limits",
+                            parley_crds::gateway_config::FailureMode::Closed => "closed: refused with 503",
+                        }
+                    ),
                 );
                 None
             }

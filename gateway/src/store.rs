@@ -34,7 +34,17 @@ pub enum Store<'a> {
         /// What limits do while Redis is unreachable.
         mode: FailureMode,
     },
+    /// The config names a Redis whose URL cannot be read (its secret file is missing):
+    /// everything behaves as while Redis is unreachable.
+    RedisDown {
+        /// What limits do meanwhile.
+        mode: FailureMode,
+        /// For the metrics.
+        state: &'a AppState,
+    },
 }
+
+const SESSIONS_DOWN: &str = "the session store (Redis) is unreachable, so the conversation cannot be continued; retry shortly";
 
 /// What an admission reserved; [`Held::settle`] replaces it by what was used.
 #[derive(Debug, Default)]
@@ -67,12 +77,11 @@ impl Held {
 impl<'a> Store<'a> {
     /// The store of `rt` (Redis when the config has one).
     pub fn of(state: &'a AppState, rt: &'a Runtime) -> Self {
-        match &rt.redis {
-            Some(redis) => Self::Redis {
-                redis,
-                mode: rt.config.rate_limit_failure_mode,
-            },
-            None => Self::Memory(state),
+        let mode = rt.config.rate_limit_failure_mode;
+        match (&rt.redis, &rt.config.redis) {
+            (Some(redis), _) => Self::Redis { redis, mode },
+            (None, Some(_)) => Self::RedisDown { mode, state },
+            (None, None) => Self::Memory(state),
         }
     }
 
@@ -100,6 +109,30 @@ impl<'a> Store<'a> {
                 Some(r) => Held::Redis(Arc::clone(redis), r),
                 None => Held::Nothing,
             }),
+            Self::RedisDown { mode, state } => {
+                let (result, decided) = match mode {
+                    FailureMode::Open => ("redis_down_open", Ok(Held::Nothing)),
+                    FailureMode::Closed => (
+                        "redis_down_closed",
+                        Err(Refusal {
+                            kind: crate::limits::RefusalKind::Unavailable,
+                            message: "the shared limit store (Redis) is not configured yet (its URL cannot be read) and rateLimitFailureMode is closed, so requests are refused until it is; retry shortly".into(),
+                            retry_after: 1,
+                            limit: 0,
+                            unit: "requests",
+                        }),
+                    ),
+                };
+                state
+                    .metrics
+                    .limit_decisions
+                    .get_or_create(&DecisionLabels {
+                        backend: "redis",
+                        result,
+                    })
+                    .inc();
+                decided
+            }
         }
     }
 
@@ -112,17 +145,11 @@ impl<'a> Store<'a> {
     ) -> Result<Vec<Value>, ApiError> {
         match self {
             Self::Memory(state) => Ok(state.sessions.load(tenant, session, ttl)),
-            Self::Redis { redis, .. } => {
-                redis
-                    .session_load(tenant, session, ttl)
-                    .await
-                    .ok_or_else(|| {
-                        ApiError::new(
-                            ErrorKind::Unavailable,
-                            "the session store (Redis) is unreachable, so the conversation cannot be continued; retry shortly",
-                        )
-                    })
-            }
+            Self::Redis { redis, .. } => redis
+                .session_load(tenant, session, ttl)
+                .await
+                .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, SESSIONS_DOWN)),
+            Self::RedisDown { .. } => Err(ApiError::new(ErrorKind::Unavailable, SESSIONS_DOWN)),
         }
     }
 
@@ -140,19 +167,17 @@ impl<'a> Store<'a> {
                 state.sessions.append(tenant, session, messages, max, ttl);
                 Ok(())
             }
-            Self::Redis { redis, .. } => {
+            Self::Redis { redis, .. }
                 if redis
                     .session_append(tenant, session, &messages, max, ttl)
-                    .await
-                {
-                    Ok(())
-                } else {
-                    Err(ApiError::new(
-                        ErrorKind::Unavailable,
-                        "the reply could not be stored in the session (Redis is unreachable), so this turn is not part of the conversation; send it again shortly",
-                    ))
-                }
+                    .await =>
+            {
+                Ok(())
             }
+            Self::Redis { .. } | Self::RedisDown { .. } => Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "the reply could not be stored in the session (Redis is unreachable), so this turn is not part of the conversation; send it again shortly",
+            )),
         }
     }
 
@@ -180,6 +205,7 @@ impl<'a> Store<'a> {
                     body: e.body,
                 })
             }
+            Self::RedisDown { .. } => None,
         }
     }
 
@@ -201,6 +227,7 @@ impl<'a> Store<'a> {
                 };
                 tokio::spawn(async move { redis.cache_put(&tenant, &key, &entry, ttl).await });
             }
+            Self::RedisDown { .. } => {}
         }
     }
 }

@@ -1,0 +1,413 @@
+//! Against a real Redis: 127.0.0.1:6379 (`scripts/services.sh` starts it) or
+//! `PARLEY_TEST_REDIS_URL`. Every test uses its own key prefix.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::sessions::trim;
+use parley_crds::gateway_config::{ModelQuotaConfig, RateLimitConfig};
+use serde_json::json;
+use std::time::Instant;
+
+fn url() -> String {
+    std::env::var("PARLEY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn redis_at(url: &str) -> Redis {
+    let prefix = format!("parley:test:{:016x}:", fastrand::u64(..));
+    Redis::connect(url, &prefix, "ns/cb", Arc::new(Metrics::new())).unwrap()
+}
+
+async fn redis() -> Redis {
+    let r = redis_at(&url());
+    let mut conn = r.conn.clone();
+    let pong: Result<String, _> = tokio::time::timeout(
+        Duration::from_secs(2),
+        redis::cmd("PING").query_async(&mut conn),
+    )
+    .await
+    .expect("Redis did not answer within 2 s");
+    assert_eq!(
+        pong.expect("no Redis: run scripts/services.sh or set PARLEY_TEST_REDIS_URL"),
+        "PONG"
+    );
+    r
+}
+
+fn req<'a>(rl: &'a RateLimitConfig, tokens: u64) -> LimitRequest<'a> {
+    LimitRequest {
+        tenant: "ns/t",
+        rate_limit: Some(rl),
+        quota: None,
+        model: "m",
+        session: None,
+        tokens,
+        budget_micros: None,
+        cost_micros: 0,
+    }
+}
+
+#[tokio::test]
+async fn sliding_window_admits_exactly_n_in_any_window() {
+    // A "minute" of 600 ms: the script takes the window length as a parameter.
+    let r = redis().await.with_minute_ms(600);
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(5),
+        ..Default::default()
+    };
+    let mut admitted = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        if let Ok(Some(res)) = r.admit(&req(&rl, 0), FailureMode::Closed).await {
+            admitted.push(res.admitted_at_ms());
+        }
+        tokio::time::sleep(Duration::from_millis(7)).await;
+    }
+    // Redis's own timestamps: any N + 1 consecutive admissions span at least a window.
+    assert!(admitted.len() >= 10, "{admitted:?}");
+    for w in admitted.windows(6) {
+        assert!(w[5] - w[0] >= 600, "6 admitted within one window: {w:?}");
+    }
+    // And it is a sliding window, not a refilling bucket: the first five pass at once,
+    // then nothing until the first leaves the window.
+    assert!(admitted[4] - admitted[0] < 100, "{admitted:?}");
+    assert!(admitted[5] - admitted[0] >= 600, "{admitted:?}");
+}
+
+#[tokio::test]
+async fn retry_after_is_whole_seconds_until_it_could_pass() {
+    let r = redis().await;
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(2),
+        ..Default::default()
+    };
+    r.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+    r.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+    let e = r
+        .admit(&req(&rl, 0), FailureMode::Closed)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, RefusalKind::Rate);
+    assert!((59..=60).contains(&e.retry_after), "{e:?}");
+    assert!(e.message.contains("requestsPerMinute (2)"), "{}", e.message);
+    assert_eq!((e.limit, e.unit), (2, "requests"));
+    // Hour limits: sixty sub-windows of a minute.
+    let rl = RateLimitConfig {
+        requests_per_hour: Some(1),
+        ..Default::default()
+    };
+    let mut q = req(&rl, 0);
+    q.tenant = "ns/hourly";
+    r.admit(&q, FailureMode::Closed).await.unwrap();
+    let e = r.admit(&q, FailureMode::Closed).await.unwrap_err();
+    assert!((3540..=3600).contains(&e.retry_after), "{e:?}");
+}
+
+#[tokio::test]
+async fn tokens_are_reserved_then_settled_to_real_usage() {
+    let r = redis().await;
+    let rl = RateLimitConfig {
+        tokens_per_minute: Some(100),
+        requests_per_minute: Some(100),
+        ..Default::default()
+    };
+    let res = r
+        .admit(&req(&rl, 90), FailureMode::Closed)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = r
+        .admit(&req(&rl, 20), FailureMode::Closed)
+        .await
+        .unwrap_err();
+    assert_eq!(e.unit, "tokens");
+    assert!(e.message.contains("tokensPerMinute"), "{}", e.message);
+    assert!((1..=61).contains(&e.retry_after), "{e:?}");
+    // More than the whole limit can never pass: wait a full window.
+    let e = r
+        .admit(&req(&rl, 500), FailureMode::Closed)
+        .await
+        .unwrap_err();
+    assert_eq!(e.retry_after, 61);
+    r.settle(res, 10, 0).await;
+    r.admit(&req(&rl, 20), FailureMode::Closed).await.unwrap();
+    // A model quota is its own scope.
+    let q = ModelQuotaConfig {
+        model: "m".into(),
+        requests_per_minute: Some(1),
+        tokens_per_minute: Some(50),
+    };
+    let mut m = req(&rl, 40);
+    m.quota = Some(&q);
+    m.tenant = "ns/q";
+    r.admit(&m, FailureMode::Closed).await.unwrap();
+    let e = r.admit(&m, FailureMode::Closed).await.unwrap_err();
+    assert!(e.message.contains("model quota"), "{}", e.message);
+    // Sessions: per tenant and session id; a refused request counts nowhere.
+    let mut s = req(&rl, 0);
+    s.tenant = "ns/s";
+    s.session = Some(("s1", 1));
+    r.admit(&s, FailureMode::Closed).await.unwrap();
+    let e = r.admit(&s, FailureMode::Closed).await.unwrap_err();
+    assert!(e.message.contains("session"), "{}", e.message);
+    s.session = Some(("s2", 1));
+    r.admit(&s, FailureMode::Closed).await.unwrap();
+    s.tenant = "ns/s-other";
+    s.session = Some(("s1", 1));
+    r.admit(&s, FailureMode::Closed).await.unwrap();
+    let mut conn = r.conn.clone();
+    let count: u64 = redis::cmd("ZCARD")
+        .arg(r.tenant_key("ns/s", "rpm"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 2, "the refused session request was not counted");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(r.tenant_key("ns/s", "rpm"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 61_000, "keys expire: {ttl}");
+}
+
+#[tokio::test]
+async fn token_slots_free_as_they_leave_the_window() {
+    // A "minute" of 600 ms: 1-slot = 10 ms, 61 slots.
+    let r = redis().await.with_minute_ms(600);
+    let rl = RateLimitConfig {
+        tokens_per_minute: Some(100),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let first = r
+        .admit(&req(&rl, 60), FailureMode::Closed)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.admit(&req(&rl, 50), FailureMode::Closed).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.admit(&req(&rl, 40), FailureMode::Closed).await.unwrap();
+    assert!(r.admit(&req(&rl, 1), FailureMode::Closed).await.is_err());
+    // Once the first request's slot has left the window, its 60 tokens are free.
+    let left = Duration::from_millis(620).saturating_sub(t0.elapsed());
+    tokio::time::sleep(left).await;
+    r.admit(&req(&rl, 50), FailureMode::Closed).await.unwrap();
+    // Settling a reservation whose slot has left changes nothing.
+    r.settle(first, 0, 0).await;
+    assert!(r.admit(&req(&rl, 11), FailureMode::Closed).await.is_err());
+    // After a long idle time everything is free again.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    r.admit(&req(&rl, 100), FailureMode::Closed).await.unwrap();
+    // The running sum matches the sub-windows.
+    let mut conn = r.conn.clone();
+    let h: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(r.tenant_key("ns/t", "tpm"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let slots: i64 = h
+        .iter()
+        .filter(|(k, _)| k.parse::<u64>().is_ok())
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(h["s"], slots, "{h:?}");
+    assert_eq!(slots, 100, "{h:?}");
+}
+
+#[tokio::test]
+async fn a_limit_moved_across_the_exact_log_bound_keeps_working() {
+    let r = redis().await;
+    for n in [5, 20_000, 5] {
+        let rl = RateLimitConfig {
+            requests_per_minute: Some(n),
+            ..Default::default()
+        };
+        r.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+    }
+    assert_eq!(
+        r.metrics
+            .redis_errors
+            .get_or_create(&OpLabel { op: "admit" })
+            .get(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn budget_is_reserved_per_month_and_settled() {
+    let r = redis().await;
+    let none = RateLimitConfig::default();
+    let mut q = req(&none, 0);
+    q.rate_limit = None;
+    q.budget_micros = Some(1_000);
+    q.cost_micros = 600;
+    let res = r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    let e = r.admit(&q, FailureMode::Closed).await.unwrap_err();
+    assert_eq!(e.kind, RefusalKind::Budget);
+    assert!(e.message.contains("0.001"), "{}", e.message);
+    assert!(e.retry_after <= 31 * 86_400 && e.retry_after >= 1);
+    let month = res.month;
+    assert_eq!(i64::from(crate::limits::current_month()), month);
+    r.settle(res, 0, 100).await;
+    assert_eq!(r.spent("ns/t", month).await, Some(100));
+    r.admit(&q, FailureMode::Closed).await.unwrap();
+    assert_eq!(r.spent("ns/t", month).await, Some(700));
+}
+
+#[tokio::test]
+async fn replicas_share_one_limit_under_concurrency() {
+    let a = Arc::new(redis().await);
+    // A second client (another replica) on the same keys.
+    let b = Arc::new(Redis {
+        prefix: a.prefix.clone(),
+        ..redis_at(&url())
+    });
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(7),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let r = if i % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        tasks.push(tokio::spawn(async move {
+            r.admit(&req(&rl, 0), FailureMode::Closed).await.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap());
+    }
+    assert_eq!(ok, 7);
+}
+
+#[tokio::test]
+async fn two_chatbots_share_no_keys() {
+    let a = redis().await;
+    let b = Redis {
+        prefix: a.prefix.clone(),
+        ..Redis::connect(&url(), "x", "ns/other-cb", Arc::new(Metrics::new())).unwrap()
+    };
+    let k = a.tenant_key("ns/t", "rpm");
+    assert!(
+        k.starts_with(&format!("{}{{ns/cb:ns/t}}:", a.prefix)),
+        "{k}"
+    );
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(1),
+        ..Default::default()
+    };
+    a.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+    assert!(a.admit(&req(&rl, 0), FailureMode::Closed).await.is_err());
+    b.admit(&req(&rl, 0), FailureMode::Closed).await.unwrap();
+    let ttl = Duration::from_secs(60);
+    assert!(
+        a.session_append(
+            "ns/t",
+            "s",
+            &[json!({"role": "user", "content": "x"})],
+            10,
+            ttl
+        )
+        .await
+    );
+    assert!(b.session_load("ns/t", "s", ttl).await.unwrap().is_empty());
+    let e = CachedEntry {
+        model: "m".into(),
+        backend: "b".into(),
+        usage: Usage::default(),
+        body: Bytes::from_static(b"{}"),
+    };
+    a.cache_put("ns/t", &[1; 32], &e, ttl).await;
+    assert_eq!(b.cache_get("ns/t", &[1; 32]).await, None);
+    assert_eq!(a.cache_get("ns/t", &[1; 32]).await, Some(e));
+}
+
+#[tokio::test]
+async fn unreachable_redis_follows_the_failure_mode_quickly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = redis_at(&format!("redis://127.0.0.1:{port}"));
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(1),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    assert!(
+        r.admit(&req(&rl, 0), FailureMode::Open)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let e = r
+        .admit(&req(&rl, 0), FailureMode::Closed)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, RefusalKind::Unavailable);
+    assert!(e.message.contains("Redis"), "{}", e.message);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        r.metrics
+            .encode()
+            .contains("parley_redis_errors_total{op=\"admit\"} 2")
+    );
+}
+
+#[tokio::test]
+async fn sessions_trim_like_the_local_store_and_stay_per_tenant() {
+    let r = redis().await;
+    let ttl = Duration::from_secs(60);
+    let msgs = [
+        json!({"role": "user", "content": "a"}),
+        json!({"role": "assistant", "tool_calls": [{"id": "1"}]}),
+        json!({"role": "tool", "tool_call_id": "1", "content": "r"}),
+        json!({"role": "tool", "tool_call_id": "2", "content": "r"}),
+        json!({"role": "assistant", "content": "done"}),
+        json!({"role": "user", "content": "b"}),
+    ];
+    for max in 1..=7 {
+        let session = format!("s{max}");
+        for chunk in msgs.chunks(2) {
+            assert!(r.session_append("ns/a", &session, chunk, max, ttl).await);
+        }
+        let mut expected = Vec::new();
+        for chunk in msgs.chunks(2) {
+            expected.extend(chunk.iter().cloned());
+            trim(&mut expected, max);
+        }
+        let got = r.session_load("ns/a", &session, ttl).await.unwrap();
+        assert_eq!(got, expected, "max {max}");
+    }
+    assert!(r.session_load("ns/b", "s7", ttl).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn cache_entries_round_trip_and_expire() {
+    let r = redis().await;
+    let e = CachedEntry {
+        model: "m".into(),
+        backend: "b".into(),
+        usage: Usage {
+            input: 3,
+            output: 4,
+        },
+        body: Bytes::from_static(b"{\"x\":\n1}"),
+    };
+    let k = [7u8; 32];
+    r.cache_put("ns/a", &k, &e, Duration::from_millis(300))
+        .await;
+    assert_eq!(r.cache_get("ns/a", &k).await, Some(e));
+    assert_eq!(r.cache_get("ns/b", &k).await, None);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(r.cache_get("ns/a", &k).await, None);
+}
