@@ -66,7 +66,7 @@ pub fn children_selector(chatbot_name: &str) -> String {
 /// Runs the Chatbot controller until `shutdown`.
 pub async fn controller(
     ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.as_deref();
@@ -76,6 +76,7 @@ pub async fn controller(
         scoped_api::<Chatbot>(&client, ns),
         watcher::Config::default(),
     );
+    let reader = controller.store();
     let store = controller.store();
     let (routes_store, tenants_store, secrets_store) = (store.clone(), store.clone(), store);
     let stream = controller
@@ -111,9 +112,9 @@ pub async fn controller(
             watcher::Config::default(),
             move |secret| same_namespace(&secrets_store, &secret),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
-    drain(KIND, stream).await;
+    drain(KIND, stream, reader, shutdown).await;
 }
 
 async fn reconcile(chatbot: Arc<Chatbot>, ctx: Arc<Context>) -> Result<Action, Error> {

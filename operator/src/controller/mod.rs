@@ -490,19 +490,42 @@ pub async fn run_controllers(
     ctx.metrics.set_ready(false);
 }
 
-/// Drains a controller's result stream, logging failures at the right level.
-pub(crate) async fn drain<S, T, E>(kind: &'static str, stream: S)
-where
+/// Drains a controller's result stream, logging failures at the right level, until the
+/// stream ends (after `shutdown`, once the running reconciles are done). A stop that
+/// comes before the controller's cache of `store` was first filled (the API server is
+/// unreachable, or the stop came at once) returns at once: no reconcile can have started,
+/// and kube-runtime would otherwise wait for that cache forever.
+pub(crate) async fn drain<S, T, E, K>(
+    kind: &'static str,
+    stream: S,
+    store: kube::runtime::reflector::Store<K>,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
     S: futures::Stream<Item = Result<T, E>>,
     E: std::fmt::Display,
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    stream
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::warn!(kind, error = %e, "reconcile failed");
-            }
-        })
-        .await;
+    let results = stream.for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::warn!(kind, error = %e, "reconcile failed");
+        }
+    });
+    let stopped_unsynced = async {
+        shutdown.await;
+        let synced = matches!(
+            futures::FutureExt::now_or_never(store.wait_until_ready()),
+            Some(Ok(()))
+        );
+        if synced {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = results => {}
+        () = stopped_unsynced => {
+            tracing::debug!(kind, "stopped before the first list completed; nothing was reconciling");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// Runs the ModelRoute controller until `shutdown`.
 pub async fn controller(
     ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.as_deref();
@@ -34,6 +34,7 @@ pub async fn controller(
         scoped_api::<ModelRoute>(&client, ns),
         watcher::Config::default(),
     );
+    let reader = controller.store();
     let store = controller.store();
     let stream = controller
         // Metadata only: a Secret change re-checks the ModelRoutes that name it.
@@ -42,9 +43,9 @@ pub async fn controller(
             watcher::Config::default(),
             move |secret| naming(&store, &secret, route_secrets),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
-    drain(KIND, stream).await;
+    drain(KIND, stream, reader, shutdown).await;
 }
 
 async fn reconcile(route: Arc<ModelRoute>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -32,7 +32,7 @@ const RESYNC: Duration = Duration::from_secs(600);
 /// Runs the Tenant controller until `shutdown`.
 pub async fn controller(
     ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.as_deref();
@@ -40,6 +40,7 @@ pub async fn controller(
         scoped_api::<Tenant>(&client, ns),
         watcher::Config::default(),
     );
+    let reader = controller.store();
     let store = controller.store();
     let chatbot_store = store.clone();
     let stream = controller
@@ -57,9 +58,9 @@ pub async fn controller(
             watcher::Config::default(),
             move |chatbot| same_namespace(&chatbot_store, &chatbot),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
-    drain(KIND, stream).await;
+    drain(KIND, stream, reader, shutdown).await;
 }
 
 async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
