@@ -179,9 +179,14 @@ def test_node_is_ready(cluster):
     assert conditions["Ready"] == "True", conditions
     addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
     assert addresses["InternalIP"] == NODE_IP
-    # The pause image and the test image were imported, nothing pulled.
-    images = {name for i in node["status"].get("images", []) for name in i.get("names", [])}
-    assert any(IMAGE in n for n in images), images
+    # The pause image and the test image were imported, nothing pulled (the kubelet
+    # reports images with its node status, every 10 s).
+    def images():
+        node = json.loads(kubectl(cluster["kubeconfig"], "get", "node", "parley-node", "-o", "json"))
+        names = {name for i in node["status"].get("images") or [] for name in i.get("names", [])}
+        return {IMAGE, "localhost/parley/pause:1.0"} <= names and names
+
+    eventually("the imported images in the node's status", images, timeout=30)
 
 
 @pytest.fixture(scope="module")
