@@ -108,11 +108,12 @@ where
         .client(cluster.service_account_config(&ns, SERVICE_ACCOUNT).await?)
         .context("building the operator's client")?;
     wait_for_rbac(&operator_client, &ns).await?;
+    if binding.policy.is_some() {
+        wait_for_policy(&cluster).await?;
+    }
     let admin = cluster.client.clone();
     let result = tokio::time::timeout(TEST_TIMEOUT, body(cluster, operator_client)).await;
-    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin)
-        .delete(&binding, &DeleteParams::default())
-        .await;
+    binding.remove(&admin).await;
     let cluster = match result {
         Err(_) => bail!("test did not finish within {TEST_TIMEOUT:?}"),
         Ok(Err(e)) => return Err(e),
@@ -314,6 +315,13 @@ async fn check_secret_use(cluster: &TestCluster, requests: &Requests) -> anyhow:
                 .unwrap_or(UNNAMED_VALUE)
                 .to_string();
         for e in &events {
+            let probe = e
+                .object_ref
+                .as_ref()
+                .is_some_and(|o| o.name.as_deref() == Some(POLICY_PROBE));
+            if probe {
+                continue; // wait_for_policy's, not the operator's
+            }
             if e.code() == Some(403) {
                 problems.push(format!("refused (403): {} {}", e.verb, e.request_uri));
             }
@@ -372,9 +380,38 @@ async fn check_secret_use(cluster: &TestCluster, requests: &Requests) -> anyhow:
     Ok(used)
 }
 
+/// What [`install_rbac`] made outside the test namespace (removed by [`Rbac::remove`]).
+struct Rbac {
+    /// The ClusterRoleBinding.
+    binding: String,
+    /// The ValidatingAdmissionPolicy and its binding (same name), on the local control
+    /// plane.
+    policy: Option<String>,
+}
+
+impl Rbac {
+    async fn remove(self, admin: &Client) {
+        use k8s_openapi::api::admissionregistration::v1::{
+            ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+        };
+        let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin.clone())
+            .delete(&self.binding, &DeleteParams::default())
+            .await;
+        if let Some(name) = &self.policy {
+            let _ = Api::<ValidatingAdmissionPolicyBinding>::all(admin.clone())
+                .delete(name, &DeleteParams::default())
+                .await;
+            let _ = Api::<ValidatingAdmissionPolicy>::all(admin.clone())
+                .delete(name, &DeleteParams::default())
+                .await;
+        }
+    }
+}
+
 /// The ClusterRole from config/rbac, the ServiceAccount in the test namespace, and a
-/// ClusterRoleBinding of the two; returns the binding's name.
-async fn install_rbac(cluster: &TestCluster) -> anyhow::Result<String> {
+/// ClusterRoleBinding of the two; on the local control plane also the Secret write
+/// policy of config/rbac/secret_write_policy.yaml, aimed at that ServiceAccount.
+async fn install_rbac(cluster: &TestCluster) -> anyhow::Result<Rbac> {
     let ns = &cluster.namespace;
     apply_yaml(&cluster.client, ns, &read("config/rbac/role.yaml")).await?;
     let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
@@ -391,7 +428,61 @@ async fn install_rbac(cluster: &TestCluster) -> anyhow::Result<String> {
     binding["metadata"]["name"] = name.clone().into();
     binding["subjects"][0]["namespace"] = ns.clone().into();
     apply_yaml(&cluster.client, ns, &serde_yaml::to_string(&binding)?).await?;
-    Ok(name)
+    let mut rbac = Rbac {
+        binding: name,
+        policy: None,
+    };
+    if !cluster.is_external() {
+        let policy = format!("parley-operator-secret-writes-{ns}");
+        let yaml = read("config/rbac/secret_write_policy.yaml")
+            .replace(
+                "system:serviceaccount:parley-system:parley-operator",
+                &format!("system:serviceaccount:{ns}:{SERVICE_ACCOUNT}"),
+            )
+            .replace("parley-operator-secret-writes", &policy);
+        rbac.policy = Some(policy);
+        if let Err(e) = apply_yaml(&cluster.client, ns, &yaml).await {
+            rbac.remove(&cluster.client).await;
+            return Err(e.context("installing config/rbac/secret_write_policy.yaml"));
+        }
+    }
+    Ok(rbac)
+}
+
+/// The Secret that [`wait_for_policy`] tries to write.
+const POLICY_PROBE: &str = "policy-probe";
+
+/// Waits until the Secret write policy is in force for the operator's ServiceAccount (it
+/// takes the API server a moment), so that the test runs under it.
+async fn wait_for_policy(cluster: &TestCluster) -> anyhow::Result<()> {
+    let client = cluster
+        .service_account_client(&cluster.namespace, SERVICE_ACCOUNT)
+        .await?;
+    let secrets = Api::<Secret>::namespaced(client, &cluster.namespace);
+    let probe = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": POLICY_PROBE},
+    });
+    eventually("the Secret write policy to be in force", || async {
+        match secrets
+            .patch(
+                POLICY_PROBE,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&probe),
+            )
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("managed-by") => {
+                Ok(Some(()))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => {
+                // Made before the policy was in force: remove it and try again.
+                let _ = secrets.delete(POLICY_PROBE, &DeleteParams::default()).await;
+                Ok(None)
+            }
+        }
+    })
+    .await
 }
 
 /// RBAC takes a moment to see a new binding.
@@ -984,9 +1075,7 @@ async fn secret_checks_catch_full_lists_and_watches_and_unnamed_gets() -> anyhow
         .await?;
     drop(watch);
     let outcome = check_secret_use(&cluster, &requests).await;
-    let _ = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(cluster.client.clone())
-        .delete(&binding, &DeleteParams::default())
-        .await;
+    binding.remove(&cluster.client).await;
     let text = match outcome {
         Ok(used) => {
             bail!("the checks let a full list, a full watch and an unnamed get pass: {used:?}")
@@ -1008,6 +1097,114 @@ async fn secret_checks_catch_full_lists_and_watches_and_unnamed_gets() -> anyhow
             assert!(text.contains(&want), "{want:?} not in {text}");
         }
     }
+    cluster.cleanup().await
+}
+
+/// config/rbac/secret_write_policy.yaml: the operator's ServiceAccount may create,
+/// change and delete only Secrets labelled `app.kubernetes.io/managed-by:
+/// parley-operator` (what RBAC cannot say); the operator tests above run under it, so it
+/// does not get in the operator's way.
+#[tokio::test]
+async fn secret_write_policy_keeps_the_operator_to_its_own_secrets() -> anyhow::Result<()> {
+    let Some(cluster) = TestCluster::start_or_skip().await? else {
+        return Ok(());
+    };
+    if cluster.is_external() {
+        eprintln!("SKIPPED: installs an admission policy; not into an external cluster");
+        return cluster.cleanup().await;
+    }
+    let ns = cluster.namespace.clone();
+    apply_crds(&cluster.client, &read("config/crd/parley-crds.yaml")).await?;
+    let rbac = install_rbac(&cluster).await?;
+    let result = async {
+        apply(&cluster.client, &ns, &unnamed_secret()).await?;
+        let client = cluster.service_account_client(&ns, SERVICE_ACCOUNT).await?;
+        wait_for_rbac(&client, &ns).await?;
+        let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+        let apply_params = PatchParams::apply(MANAGER).force();
+        let secret = |name: &str, managed: bool| {
+            let labels = if managed {
+                serde_json::json!({"app.kubernetes.io/managed-by": MANAGER})
+            } else {
+                serde_json::json!({})
+            };
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "labels": labels},
+                "stringData": {"key": "v"},
+            })
+        };
+        let refused = |r: Result<Secret, kube::Error>| match r {
+            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("managed-by") => {
+                Ok(Some(()))
+            }
+            Err(e) => Err(anyhow!("refused, but not by the policy: {e}")),
+            Ok(_) => Ok(None),
+        };
+        wait_for_policy(&cluster).await?;
+        // Not its own: no change, no label added, no delete.
+        refused(
+            secrets
+                .patch(
+                    UNNAMED_SECRET,
+                    &apply_params,
+                    &Patch::Apply(secret(UNNAMED_SECRET, false)),
+                )
+                .await,
+        )?
+        .context("a change of a Secret that is not the operator's was let through")?;
+        refused(
+            secrets
+                .patch(
+                    UNNAMED_SECRET,
+                    &apply_params,
+                    &Patch::Apply(secret(UNNAMED_SECRET, true)),
+                )
+                .await,
+        )?
+        .context("labelling a Secret that is not the operator's was let through")?;
+        match secrets
+            .delete(UNNAMED_SECRET, &DeleteParams::default())
+            .await
+        {
+            Err(kube::Error::Api(s)) if s.code == 403 => {}
+            other => bail!("deleting a Secret that is not the operator's: {other:?}"),
+        }
+        // Its own: created, changed, deleted; but it cannot give one away.
+        secrets
+            .patch("own", &apply_params, &Patch::Apply(secret("own", true)))
+            .await
+            .context("creating a labelled Secret")?;
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(secret("own-post", true))?,
+            )
+            .await
+            .context("creating a labelled Secret with POST")?;
+        refused(
+            secrets
+                .patch(
+                    "own",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({
+                        "metadata": {"labels": {"app.kubernetes.io/managed-by": "someone-else"}}
+                    })),
+                )
+                .await,
+        )?
+        .context("taking the label off its own Secret was let through")?;
+        secrets
+            .delete("own", &DeleteParams::default())
+            .await
+            .context("deleting its own Secret")?;
+        let admin_view = Api::<Secret>::namespaced(cluster.client.clone(), &ns);
+        ensure!(admin_view.get_opt(UNNAMED_SECRET).await?.is_some());
+        anyhow::Ok(())
+    }
+    .await;
+    rbac.remove(&cluster.client).await;
+    result?;
     cluster.cleanup().await
 }
 
