@@ -23,12 +23,18 @@ struct Run {
 
 impl Run {
     fn start(kubeconfig: &Path, args: &[&str]) -> Run {
+        Self::start_as(kubeconfig, args, "parley-operator-test")
+    }
+
+    /// With `POD_NAME=identity` (the holder identity of the leader Lease).
+    fn start_as(kubeconfig: &Path, args: &[&str], identity: &str) -> Run {
         let mut child = Command::new(env!("CARGO_BIN_EXE_parley-operator"))
             .arg("run")
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
+            .env("POD_NAME", identity)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
             .env_remove("POD_NAMESPACE")
@@ -225,8 +231,8 @@ fn silent_api_server_is_named_and_sigterm_stops_run() {
     );
 }
 
-/// With a real API server: a leader stops within 5 s of SIGTERM, and so does one whose
-/// API server went away while it was leading.
+/// With a real API server: a standby waiting for the Lease and a leader stop within 5 s
+/// of SIGTERM, and so does a leader whose API server went away.
 #[test]
 fn a_leader_stops_on_sigterm_with_its_api_server_and_after_it_went_away() {
     use parley_e2e::controlplane::{self, ControlPlane, Unavailable};
@@ -255,16 +261,21 @@ fn a_leader_stops_on_sigterm_with_its_api_server_and_after_it_went_away() {
     });
     let args = ["--leader-election-namespace", "default"];
 
-    let mut run = Run::start(cp.kubeconfig(), &args);
-    run.expect_line(
+    let mut leader = Run::start_as(cp.kubeconfig(), &args, "op-a");
+    leader.expect_line(
         &["connected to the Kubernetes API"],
         Duration::from_secs(10),
     );
-    run.expect_line(&["acquired the leader Lease"], Duration::from_secs(20));
-    let took = run.stop("TERM");
+    leader.expect_line(&["acquired the leader Lease"], Duration::from_secs(20));
+    let mut standby = Run::start_as(cp.kubeconfig(), &args, "op-b");
+    standby.expect_line(&["waiting for the leader Lease"], Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let took = standby.stop("TERM");
+    eprintln!("a standby stopped {took:?} after SIGTERM");
+    let took = leader.stop("TERM");
     eprintln!("a connected leader stopped {took:?} after SIGTERM");
 
-    let mut run = Run::start(cp.kubeconfig(), &args);
+    let mut run = Run::start_as(cp.kubeconfig(), &args, "op-c");
     // Leads once the Lease is free (released on the way out, or expired: 15 s).
     run.expect_line(&["acquired the leader Lease"], Duration::from_secs(25));
     cp.stop();
