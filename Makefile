@@ -7,7 +7,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-PY_REQUIREMENTS := $(wildcard e2e/manifests/requirements.txt e2e/python/requirements.txt e2e/images/requirements.txt)
+PY_REQUIREMENTS := $(wildcard e2e/manifests/requirements.txt e2e/python/requirements.txt e2e/images/requirements.txt e2e/cluster/requirements.txt)
 export PARLEY_OPERATOR_BIN ?= $(CURDIR)/target/debug/parley-operator
 export PARLEY_GATEWAY_BIN ?= $(CURDIR)/target/debug/parley-gateway
 export PARLEY_MOCK_LLM_BIN ?= $(CURDIR)/target/debug/parley-mock-llm
@@ -54,7 +54,15 @@ $(VENV)/.installed: $(PY_REQUIREMENTS)
 demo: toolchain $(VENV)/.installed ## The whole path on embedded defaults: no cluster, no keys, no Redis
 	@scripts/demo.sh
 
-test: lint test-rust test-python ## Everything CI runs
+test: lint test-rust test-python test-images-e2e test-node test-cluster ## Everything CI runs
+
+# The cluster suite: the images `make images` and `make test-images` built, imported into
+# the test cluster's node (scripts/cluster.sh reads target/images/*.tar), the chart
+# installed with helm, the samples applied, traffic through the gateway pods. Against a
+# cluster of your own: PARLEY_CLUSTER_KUBECONFIG=... (see e2e/cluster/conftest.py).
+test-cluster: images test-images cluster-tools target/tools/helm $(VENV)/.installed ## The cluster suite on a real node (e2e/cluster)
+	@scripts/images.sh save target/images
+	$(PYTHON) -m pytest -q e2e/cluster
 
 services: ## Start the shared test services (Redis on 127.0.0.1:6379) unless they are running
 	@scripts/services.sh
