@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::ledger::{UsageRecord, epoch_micros_ago};
 use crate::metrics::{Label, RequestLabels, TenantModel, TokenLabels};
 use crate::runtime::cost_at;
 use crate::state::AppState;
@@ -47,6 +48,14 @@ pub struct Accounting {
     /// Set when the client went away (its handler was dropped unanswered).
     client_gone: Arc<AtomicBool>,
     done: bool,
+    /// `x-request-id` (the usage ledger's key; a random one until set).
+    pub request_id: Option<String>,
+    /// The model the client asked for (`unknown` until known).
+    pub requested_model: Label,
+    /// Answered from the response cache.
+    pub cache_hit: bool,
+    /// A streamed answer was asked for.
+    pub stream: bool,
 }
 
 impl Accounting {
@@ -64,6 +73,10 @@ impl Accounting {
             price: None,
             client_gone: Arc::new(AtomicBool::new(false)),
             done: false,
+            request_id: None,
+            requested_model: unknown(),
+            cache_hit: false,
+            stream: false,
         }
     }
 
@@ -127,6 +140,28 @@ impl Accounting {
         }
         let tokens = usage.input.saturating_add(usage.output);
         std::mem::take(&mut self.held).settle(&self.state, tokens, cost);
+        // The ledger row: queued only, written by the ledger's own task.
+        if let Some(ledger) = self.state.runtime.load().ledger.as_ref() {
+            let elapsed = self.start.elapsed();
+            ledger.record(UsageRecord {
+                request_id: self.request_id.take().unwrap_or_else(|| {
+                    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+                }),
+                created_at_micros: epoch_micros_ago(elapsed),
+                tenant: Arc::clone(&self.tenant),
+                api: self.api,
+                requested_model: Arc::clone(&self.requested_model),
+                model: Arc::clone(&self.model),
+                backend: Arc::clone(&self.backend),
+                input_tokens: i64::try_from(usage.input).unwrap_or(i64::MAX),
+                output_tokens: i64::try_from(usage.output).unwrap_or(i64::MAX),
+                cost_micros: cost,
+                latency_ms: i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX),
+                status: i16::try_from(status).unwrap_or(i16::MAX),
+                cache_hit: self.cache_hit,
+                stream: self.stream,
+            });
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod api;
 pub mod breaker;
 pub mod cache;
 pub mod error;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
@@ -140,11 +141,12 @@ pub fn init_waiting_with(
         }
     };
     let loaded = problems.is_none();
+    let limiter = Arc::clone(&shared.limiter);
     let state = Arc::new(AppState {
         runtime: ArcSwap::from_pointee(rt),
         shared,
         metrics,
-        limiter: Arc::new(limits::MemoryLimiter::default()),
+        limiter,
         sessions: Arc::new(sessions::MemorySessions::default()),
         cache: cache::ResponseCache::default(),
         draining: AtomicBool::new(false),
@@ -202,6 +204,10 @@ pub async fn run(
         opts.drain,
     )
     .await;
+    // Rows of the last requests reach the ledger before the process ends (bounded).
+    if let Some(ledger) = state.runtime.load().ledger.clone() {
+        ledger.flush(Duration::from_secs(5)).await;
+    }
     watch_stop.cancel();
     admin_stop.cancel();
     let _ = watcher.await;

@@ -503,6 +503,18 @@ impl MemoryLimiter {
         }
     }
 
+    /// Adds spend recorded elsewhere (the usage ledger, read at start) to a tenant's
+    /// `month` (see [`current_month`]).
+    pub fn add_spent(&self, tenant: &str, month: u32, micros: i64) {
+        let t = self.tenant(tenant);
+        let mut t = t.lock();
+        if t.month != month {
+            t.month = month;
+            t.spent_micros = 0;
+        }
+        t.spent_micros = t.spent_micros.saturating_add(micros);
+    }
+
     /// Micro-USD spent (and reserved) by a tenant this month.
     pub fn spent(&self, tenant: &str) -> i64 {
         self.tenants

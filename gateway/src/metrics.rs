@@ -114,6 +114,14 @@ pub struct DecisionLabels {
     pub result: &'static str,
 }
 
+/// `{chatbot}` (namespace/name) of the ledger's and Redis's health metrics: present only
+/// when the config has a ledger (or a Redis).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChatbotLabel {
+    /// The Chatbot, `namespace/name`.
+    pub chatbot: Label,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -162,6 +170,20 @@ pub struct Metrics {
     pub limit_decisions: Family<DecisionLabels, Counter>,
     /// Requests answered 503 at once because the concurrency limit was reached.
     pub load_shed: Counter,
+    /// 1 while Redis answers commands, 0 after one failed (only with a Redis).
+    pub redis_up: Family<ChatbotLabel, Gauge>,
+    /// 1 while the usage ledger's last statement succeeded (only with a ledger).
+    pub ledger_up: Family<ChatbotLabel, Gauge>,
+    /// Ledger rows waiting to be written.
+    pub ledger_queue: Family<ChatbotLabel, Gauge>,
+    /// Ledger rows written.
+    pub ledger_written: Family<ChatbotLabel, Counter>,
+    /// Ledger rows a retried batch found already written (not counted twice).
+    pub ledger_duplicates: Family<ChatbotLabel, Counter>,
+    /// Ledger rows dropped because the queue was full.
+    pub ledger_dropped: Family<ChatbotLabel, Counter>,
+    /// Ledger statements (connect, migrate, insert) that failed.
+    pub ledger_errors: Family<ChatbotLabel, Counter>,
 }
 
 impl Metrics {
@@ -246,6 +268,48 @@ impl Metrics {
             "Requests refused with 503 because the gateway was at its concurrency limit",
             load_shed.clone(),
         );
+        let redis_up = Family::<ChatbotLabel, Gauge>::default();
+        registry.register(
+            "redis_up",
+            "1 while Redis answers commands, 0 since one failed or timed out",
+            redis_up.clone(),
+        );
+        let ledger_up = Family::<ChatbotLabel, Gauge>::default();
+        registry.register(
+            "ledger_up",
+            "1 while the usage ledger (PostgreSQL) accepts writes, 0 while it is unreachable or failing",
+            ledger_up.clone(),
+        );
+        let ledger_queue = Family::<ChatbotLabel, Gauge>::default();
+        registry.register(
+            "ledger_queue_rows",
+            "Usage ledger rows waiting to be written",
+            ledger_queue.clone(),
+        );
+        let ledger_written = Family::<ChatbotLabel, Counter>::default();
+        registry.register(
+            "ledger_rows_written",
+            "Usage ledger rows written to PostgreSQL",
+            ledger_written.clone(),
+        );
+        let ledger_duplicates = Family::<ChatbotLabel, Counter>::default();
+        registry.register(
+            "ledger_rows_duplicate",
+            "Usage ledger rows of a retried batch that were already written (skipped)",
+            ledger_duplicates.clone(),
+        );
+        let ledger_dropped = Family::<ChatbotLabel, Counter>::default();
+        registry.register(
+            "ledger_rows_dropped",
+            "Usage ledger rows dropped because the queue was full",
+            ledger_dropped.clone(),
+        );
+        let ledger_errors = Family::<ChatbotLabel, Counter>::default();
+        registry.register(
+            "ledger_errors",
+            "Usage ledger statements (connect, migrate, insert) that failed",
+            ledger_errors.clone(),
+        );
         Self {
             registry,
             requests,
@@ -264,6 +328,13 @@ impl Metrics {
             redis_errors,
             limit_decisions,
             load_shed,
+            redis_up,
+            ledger_up,
+            ledger_queue,
+            ledger_written,
+            ledger_duplicates,
+            ledger_dropped,
+            ledger_errors,
         }
     }
 

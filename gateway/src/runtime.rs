@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::breaker::Breaker;
 use crate::metrics::{BackendLabels, Label, Metrics};
+use crate::ledger::Ledger;
 use crate::redis_state::{self, Redis};
 
 /// The HTTP client used for upstream calls (HTTP/1.1 and HTTP/2, TLS via rustls).
@@ -139,6 +140,9 @@ pub struct Runtime {
     /// Shared state (limits, sessions, cache) when `redis` is configured and this is a
     /// serving process (`check` only validates the URL).
     pub redis: Option<Arc<Redis>>,
+    /// The usage ledger when `usage.postgresUrl` is configured and this is a serving
+    /// process.
+    pub ledger: Option<Arc<Ledger>>,
 }
 
 impl Runtime {
@@ -177,7 +181,11 @@ pub struct Shared {
     warned: Mutex<HashSet<String>>,
     warnings: Mutex<Vec<String>>,
     redis: Mutex<Option<([u8; 32], Arc<Redis>)>>,
+    ledger: Mutex<Option<([u8; 32], Arc<Ledger>)>>,
     tls: rustls::ClientConfig,
+    /// The in-process limiter (also `AppState::limiter`): the ledger adds this month's
+    /// spend to its budgets at start when there is no Redis.
+    pub limiter: Arc<crate::limits::MemoryLimiter>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// `--secrets-dir`: replaces the config's `secretsDir` (absolute).
@@ -196,7 +204,9 @@ impl Shared {
             warned: Mutex::new(HashSet::new()),
             warnings: Mutex::new(Vec::new()),
             redis: Mutex::new(None),
+            ledger: Mutex::new(None),
             tls: tls_config()?,
+            limiter: Arc::new(crate::limits::MemoryLimiter::default()),
             metrics,
             secrets_dir: None,
             check_only: false,
@@ -258,6 +268,38 @@ impl Shared {
             "limits, /chat sessions and the response cache are shared through Redis"
         );
         Ok(Some(r))
+    }
+
+    /// The usage ledger for `url`, kept across reloads while the URL, the Chatbot and
+    /// whether budgets are kept in process stay the same. Outside an async runtime
+    /// (`check`) the URL is only validated.
+    fn ledger(&self, url: &str, chatbot: &str, seed: bool) -> Result<Option<Arc<Ledger>>, String> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return crate::ledger::check_url(url).map(|_| None);
+        }
+        let mut h = Sha256::new();
+        h.update(url.as_bytes());
+        h.update([0]);
+        h.update(chatbot.as_bytes());
+        h.update([u8::from(seed)]);
+        let digest: [u8; 32] = h.finalize().into();
+        let mut slot = self.ledger.lock();
+        if let Some((d, l)) = slot.as_ref()
+            && *d == digest
+        {
+            return Ok(Some(Arc::clone(l)));
+        }
+        let l = Ledger::start(
+            url,
+            chatbot,
+            self.tls.clone(),
+            Arc::clone(&self.metrics),
+            seed.then(|| Arc::clone(&self.limiter)),
+        )?;
+        *slot = Some((digest, Arc::clone(&l)));
+        // Never the URL: it holds the password.
+        tracing::info!(chatbot, "usage is written to the ledger in PostgreSQL");
+        Ok(Some(l))
     }
 
     fn warn_once(&self, what: &str, message: &str) {
@@ -498,13 +540,6 @@ pub fn build(
     shared: &Shared,
 ) -> Result<Runtime, Vec<String>> {
     clamp_durations(&mut config);
-    // Said once, loudly, rather than silently serving with less than the config asks for.
-    if config.usage.is_some() {
-        shared.warn_once(
-            "usage",
-            "usage.postgresUrl is configured, but this gateway version does not write the usage ledger yet: usage is in the metrics only",
-        );
-    }
     if let Some(dir) = &shared.secrets_dir {
         config.secrets_dir = Some(dir.clone());
     }
@@ -677,6 +712,43 @@ pub fn build(
         },
     };
 
+    let ledger = match &config.usage {
+        None => None,
+        Some(u) => match resolve(&u.postgres_url, &base) {
+            Ok(url) if !url.is_empty() => {
+                hasher.update(Sha256::digest(url.as_bytes()));
+                match shared.ledger(&url, &config.chatbot, config.redis.is_none()) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                }
+            }
+            Ok(_) => {
+                problems.push(format!(
+                    "usage.postgresUrl ({}) is empty",
+                    source_name(&u.postgres_url, &base)
+                ));
+                None
+            }
+            // Like a missing redis.url: the ledger is off until the file appears.
+            Err(e @ SecretError::Missing(..)) => {
+                shared.warn_once(
+                    &source_name(&u.postgres_url, &base),
+                    &format!(
+                        "usage.postgresUrl: {e}; until it can be read, no usage rows are written (usage is in the metrics only)"
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                problems.push(format!("usage.postgresUrl: {e}"));
+                None
+            }
+        },
+    };
+
     let mut tenants = Vec::new();
     let mut keys = HashMap::new();
     for (i, t) in config.tenants.iter().enumerate() {
@@ -749,6 +821,7 @@ pub fn build(
         models,
         cors,
         redis,
+        ledger,
     })
 }
 

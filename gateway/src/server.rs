@@ -228,7 +228,7 @@ fn overloaded(state: &AppState, uri: &Uri, err: &tower::BoxError) -> Response {
     ApiError::new(ErrorKind::Internal, "the request could not be served").into_response_for(format)
 }
 
-/// The admin router: `/healthz`, `/readyz`, `/metrics`.
+/// The admin router: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`.
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -254,6 +254,8 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
                 )
             }),
         )
+        // Usage from the ledger (`ledger::query`).
+        .route("/admin/usage", get(crate::ledger::query::usage))
         .with_state(state)
 }
 

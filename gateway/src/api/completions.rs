@@ -65,6 +65,9 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::invalid("`stream` must be true or false")),
     };
+    if let Some(acct) = ctx.acct.as_mut() {
+        acct.stream = stream;
+    }
     let (model, chain) = resolve_model(&rt, tenant, &model_name, ctx)?;
     // The Chatbot's persona goes first, before the client's own system message.
     let prompt_bytes = match rt.config.system_prompt.as_deref() {
@@ -127,6 +130,7 @@ fn cache_lookup(state: &AppState, result: &'static str) {
 
 fn cache_hit(state: &AppState, mut acct: Accounting, hit: cache::Entry) -> Response {
     cache_lookup(state, "hit");
+    acct.cache_hit = true;
     acct.model = Arc::clone(&hit.model);
     acct.backend = Arc::clone(&hit.backend);
     // Not charged again.

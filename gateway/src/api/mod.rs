@@ -155,6 +155,12 @@ pub async fn admit_caller(
     headers: &HeaderMap,
     body: &mut Option<Body>,
 ) -> Result<(Arc<Runtime>, usize), ApiError> {
+    if let Some(acct) = ctx.acct.as_mut() {
+        acct.request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
     let refused = match ctx.runtime() {
         Ok(rt) => match authenticate(&rt, headers) {
             Ok(ti) => {
@@ -294,6 +300,7 @@ pub fn resolve_model(
     };
     if let Some(acct) = ctx.acct.as_mut() {
         acct.model = Arc::clone(&model.name);
+        acct.requested_model = Arc::clone(&model.name);
         acct.price = Some(model.price);
     }
     if !tenant.may_use(name) {
@@ -349,6 +356,15 @@ pub async fn method_not_allowed() -> Response {
 }
 
 /// Readiness for the admin listener: a valid config is loaded and no drain started.
+/// With a usage ledger, also its start (migrations, and without Redis this month's
+/// spend read into the budgets), for at most `ledger::STARTUP_GRACE`.
 pub fn ready(state: &AppState) -> bool {
-    state.loaded.load(Ordering::Acquire) && !state.draining.load(Ordering::Relaxed)
+    state.loaded.load(Ordering::Acquire)
+        && !state.draining.load(Ordering::Relaxed)
+        && state
+            .runtime
+            .load()
+            .ledger
+            .as_ref()
+            .is_none_or(|l| l.started())
 }

@@ -67,6 +67,8 @@ pub struct Redis {
     prefix: String,
     /// `namespace/name` of the Chatbot: in every key's hash tag.
     chatbot: String,
+    /// The same, as the `chatbot` label of `parley_redis_up`.
+    chatbot_label: Arc<String>,
     /// Length of a "minute" in ms (60 000; tests shorten it; hours and days scale).
     minute_ms: u64,
     metrics: Arc<Metrics>,
@@ -159,6 +161,7 @@ impl Redis {
             conn,
             prefix: prefix.to_string(),
             chatbot: chatbot.to_string(),
+            chatbot_label: Arc::new(chatbot.to_string()),
             minute_ms: 60_000,
             metrics,
             last_warning: AtomicU64::new(0),
@@ -176,7 +179,17 @@ impl Redis {
         format!("{}{{{}:{tenant}}}:{rest}", self.prefix, self.chatbot)
     }
 
+    fn up(&self, up: bool) {
+        self.metrics
+            .redis_up
+            .get_or_create(&crate::metrics::ChatbotLabel {
+                chatbot: Arc::clone(&self.chatbot_label),
+            })
+            .set(i64::from(up));
+    }
+
     fn error(&self, op: &'static str, e: &str) {
+        self.up(false);
         self.metrics
             .redis_errors
             .get_or_create(&OpLabel { op })
@@ -199,7 +212,10 @@ impl Redis {
         F: Future<Output = redis::RedisResult<T>>,
     {
         match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Some(v),
+            Ok(Ok(v)) => {
+                self.up(true);
+                Some(v)
+            }
             Ok(Err(e)) => {
                 self.error(op, &e.kind_name());
                 None
