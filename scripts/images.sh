@@ -25,6 +25,7 @@
 # run on the host, are built as usual. They land in target/x86_64-unknown-linux-gnu/release
 # and never disturb `make build`/`make release`.
 set -euo pipefail
+umask 022
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
@@ -93,10 +94,13 @@ ensure_tools() {
   fi
 }
 
-# Copies $1 to $2 unless $2 already has the same bytes (keeps the staging stable).
+# put SRC DEST [MODE]: copies SRC to DEST unless DEST already has the same bytes (keeps
+# the staging stable), and gives it MODE [0644]: the images run as 65532, so everything
+# in them must be readable by others (and binaries executable).
 put() {
   mkdir -p "$(dirname "$2")"
   if ! cmp -s "$1" "$2"; then cp -L "$1" "$2.tmp" && mv -f "$2.tmp" "$2"; fi
+  chmod "${3:-0644}" "$2"
 }
 put_text() { # put_text DEST < content
   local tmp
@@ -164,7 +168,7 @@ EOF
 stage_rust() {
   local b
   for b in "${RUST_BINS[@]}"; do
-    put "$BIN_DIR/$b" "$STAGE/bin/$b"
+    put "$BIN_DIR/$b" "$STAGE/bin/$b" 0755
   done
 }
 
@@ -181,7 +185,7 @@ stage_redis() {
   bin=$(command -v redis-server)
   # Debian's /usr/bin/redis-server is a symlink to redis-check-rdb; the binary picks its
   # mode from argv[0], and the image runs it as /usr/bin/redis-server.
-  put "$bin" "$root/usr/bin/redis-server"
+  put "$bin" "$root/usr/bin/redis-server" 0755
   libs=$(ldd "$bin" | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]+ \(/ {print $1}')
   [ -n "$libs" ] || die "ldd $bin listed no libraries"
   # Drop files of an earlier staging that ldd no longer lists.
@@ -192,7 +196,7 @@ stage_redis() {
       done
   fi
   while read -r lib; do
-    put "$lib" "$root$lib"
+    put "$lib" "$root$lib" "$(stat -L -c %a "$lib")"
   done <<<"$libs"
   put "$STAGE/rootfs/etc/passwd" "$root/etc/passwd"
   put "$STAGE/rootfs/etc/group" "$root/etc/group"

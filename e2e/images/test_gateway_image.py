@@ -40,8 +40,9 @@ def test_serves_chat_and_stream_through_the_mock(start_mock, start_gateway):
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="gpt-4o", messages=MSG)
     assert mock.stats()["requests_total"] == 2
-    # Secrets never reach the logs.
+    # Secrets never reach the logs; the CA bundle was readable by user 65532.
     logs = gw.container.logs()
+    assert "no system CA certificates" not in logs, logs
     assert TENANT_KEY not in logs and "sk-upstream-imgtest" not in logs
 
 

@@ -88,6 +88,13 @@ def test_holds_one_static_binary_and_no_shell(images, name, tmp_path):
     ours = {"etc", "etc/passwd", "etc/group", "etc/ssl", "etc/ssl/certs", "etc/ssl/certs/ca-certificates.crt",
             "usr", "usr/local", "usr/local/bin", binary}
     assert set(files) - engine_added == ours
+    # Owned by root, readable (and the binary executable) by the user the image runs as.
+    for n in ours:
+        m = files[n]
+        assert m.uid == 0 and m.gid == 0, f"{n} is owned by {m.uid}:{m.gid}"
+        assert m.mode & 0o444 == 0o444 and not m.mode & 0o022, f"{n} has mode {oct(m.mode)}"
+        if m.isdir() or n == binary:
+            assert m.mode & 0o111 == 0o111, f"{n} has mode {oct(m.mode)}"
     # Static: the binary names no dynamic loader and no shared library.
     out = tmp_path / RUST_IMAGES[name]
     cid = docker("create", images[name]).stdout.strip()
