@@ -184,7 +184,11 @@ impl Ledger {
             created: Instant::now(),
         });
         ledger.set_up(false);
-        ledger.metrics.ledger_queue.get_or_create(&ledger.label).set(0);
+        ledger
+            .metrics
+            .ledger_queue
+            .get_or_create(&ledger.label)
+            .set(0);
         let started_at = epoch_micros_ago(Duration::ZERO);
         tokio::spawn(writer(Arc::clone(&ledger), rx, budgets, started_at));
         Ok(ledger)
@@ -203,10 +207,7 @@ impl Ledger {
             }
             Err(_) => {
                 self.pending.fetch_sub(1, Ordering::AcqRel);
-                self.metrics
-                    .ledger_dropped
-                    .get_or_create(&self.label)
-                    .inc();
+                self.metrics.ledger_dropped.get_or_create(&self.label).inc();
                 if !self.drop_logged.swap(true, Ordering::AcqRel) {
                     tracing::error!(
                         queue_rows = self.tx.max_capacity(),
@@ -253,9 +254,10 @@ impl Ledger {
 
     /// A new connection (its driver runs in a task of its own).
     pub async fn connect(&self) -> Result<tokio_postgres::Client, LedgerError> {
-        let (client, conn) = tokio::time::timeout(STATEMENT_TIMEOUT, self.pg.connect(self.tls.clone()))
-            .await
-            .map_err(|_| LedgerError::Timeout)??;
+        let (client, conn) =
+            tokio::time::timeout(STATEMENT_TIMEOUT, self.pg.connect(self.tls.clone()))
+                .await
+                .map_err(|_| LedgerError::Timeout)??;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "usage ledger connection ended");
@@ -339,23 +341,23 @@ async fn write_batch(
     let hit: Vec<bool> = batch.iter().map(|r| r.cache_hit).collect();
     let stream: Vec<bool> = batch.iter().map(|r| r.stream).collect();
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
-            &ids,
-            &created,
-            &ledger.namespace,
-            &ledger.chatbot,
-            &tenants,
-            &apis,
-            &requested,
-            &models,
-            &backends,
-            &input,
-            &output,
-            &cost,
-            &latency,
-            &status,
-            &hit,
-            &stream,
-        ];
+        &ids,
+        &created,
+        &ledger.namespace,
+        &ledger.chatbot,
+        &tenants,
+        &apis,
+        &requested,
+        &models,
+        &backends,
+        &input,
+        &output,
+        &cost,
+        &latency,
+        &status,
+        &hit,
+        &stream,
+    ];
     let fut = client.execute(INSERT, &params);
     Ok(tokio::time::timeout(STATEMENT_TIMEOUT, fut)
         .await
@@ -451,7 +453,9 @@ async fn writer(
             Ok(inserted) => {
                 let n = batch.len() as u64;
                 let m = &ledger.metrics;
-                m.ledger_written.get_or_create(&ledger.label).inc_by(inserted);
+                m.ledger_written
+                    .get_or_create(&ledger.label)
+                    .inc_by(inserted);
                 if inserted < n {
                     // Already there: a batch whose answer was lost earlier.
                     m.ledger_duplicates
@@ -467,7 +471,9 @@ async fn writer(
                 ledger.drop_logged.store(false, Ordering::Release);
                 backoff = MIN_BACKOFF;
                 if down_logged {
-                    tracing::info!("usage ledger: PostgreSQL is reachable again; writing the rows that waited");
+                    tracing::info!(
+                        "usage ledger: PostgreSQL is reachable again; writing the rows that waited"
+                    );
                     down_logged = false;
                 }
             }

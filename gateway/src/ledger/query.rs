@@ -36,17 +36,20 @@ fn problem(status: StatusCode, message: String) -> Response {
 /// clear 400: `YYYY-MM-DD`, optionally followed by `T` or a space and a time with a zone.
 fn check_time(name: &str, v: &str) -> Result<(), String> {
     let b = v.as_bytes();
-    let date_ok = b.len() >= 10
-        && b[..4].iter().all(u8::is_ascii_digit)
-        && b[4] == b'-'
-        && b[5..7].iter().all(u8::is_ascii_digit)
-        && b[7] == b'-'
-        && b[8..10].iter().all(u8::is_ascii_digit);
-    let rest_ok = b.len() == 10
-        || ((b[10] == b'T' || b[10] == b' ')
-            && b[11..]
-                .iter()
-                .all(|c| c.is_ascii_digit() || b":.+-Z".contains(c)));
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let date_ok = digits(0..4)
+        && b.get(4) == Some(&b'-')
+        && digits(5..7)
+        && b.get(7) == Some(&b'-')
+        && digits(8..10);
+    let rest_ok = match b.get(10) {
+        None => true,
+        Some(b'T' | b' ') => b[11..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || b":.+-Z".contains(c)),
+        Some(_) => false,
+    };
     if date_ok && rest_ok && v.len() <= 40 {
         Ok(())
     } else {
@@ -89,7 +92,10 @@ pub async fn usage(
         }
     }
     let tenant = params.get("tenant").cloned();
-    if tenant.as_deref().is_some_and(|t| t.is_empty() || t.len() > 253) {
+    if tenant
+        .as_deref()
+        .is_some_and(|t| t.is_empty() || t.len() > 253)
+    {
         return problem(
             StatusCode::BAD_REQUEST,
             "`tenant` must be a tenant id (namespace/name)".into(),
