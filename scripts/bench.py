@@ -90,8 +90,16 @@ def vegeta(url, work: pathlib.Path, auth=True) -> dict:
     ).stdout
     r = json.loads(report)
     ms = lambda ns: ns / 1e6
-    return {"p50": ms(r["latencies"]["50th"]), "p99": ms(r["latencies"]["99th"]),
+    return {"p50": ms(r["latencies"]["50th"]), "p99": ms(r["latencies"]["99th"]), "mean": ms(r["latencies"]["mean"]),
             "max": ms(r["latencies"]["max"]), "success": r["success"], "rate": r["throughput"]}
+
+
+def overhead_metric(admin_port) -> tuple[float, float]:
+    """`parley_overhead_seconds` (sum, count) as the gateway exports it now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    d = dict(re.findall(r'parley_overhead_seconds_(sum|count)(?:\{[^}]*\})? ([\d.e+-]+)', metrics))
+    return float(d.get("sum", 0)), float(d.get("count", 0))
 
 
 def rss_mib(pid) -> tuple[float, float]:
@@ -160,17 +168,24 @@ tenants:
         time.sleep(1)
     for name, port in [("mock (direct)", mock_port), ("nginx proxy_pass", nginx_port), ("parley-gateway", gw_port)]:
         print(f"latency at {RATE} rps: {name} ...", flush=True)
+        before = overhead_metric(admin_port)
         results[name]["vegeta"] = vegeta(url(port), work)
+        after = overhead_metric(admin_port)
+        if name == "parley-gateway":
+            # The overhead the gateway reports over exactly this run (no saturation).
+            n = after[1] - before[1]
+            results[name]["overhead_mean"] = (after[0] - before[0]) / n * 1000 if n else float("nan")
+            results[name]["overhead_count"] = n
         time.sleep(1)
     rss, hwm = rss_mib(gateway.pid)
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
-        metrics = r.read().decode()
-    overhead = re.findall(r'parley_overhead_seconds_(sum|count)(?:\{[^}]*\})? ([\d.e+-]+)', metrics)
 
     nginx, gw, direct = results["nginx proxy_pass"], results["parley-gateway"], results["mock (direct)"]
     ratio = gw["wrk"]["rps"] / nginx["wrk"]["rps"] * 100
     added_p50 = gw["vegeta"]["p50"] - direct["vegeta"]["p50"]
     added_p99 = gw["vegeta"]["p99"] - direct["vegeta"]["p99"]
+    added_mean = gw["vegeta"]["mean"] - direct["vegeta"]["mean"]
+    reported = gw.get("overhead_mean", float("nan"))
+    agree = reported > 0 and added_mean > 0 and 0.5 <= added_mean / reported <= 2.0
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     lines = [
         "# Benchmarks",
@@ -198,10 +213,15 @@ tenants:
         f"- added latency at {RATE} rps over the direct upstream: p50 **{added_p50:+.3f} ms**, p99 **{added_p99:+.3f} ms** (bar: p99 < 1 ms; a p99 of a 10 s run on a shared 2-core machine moves by about a millisecond from run to run)",
         f"- gateway memory: {idle_rss:.1f} MiB RSS idle, {rss:.1f} MiB after the runs, peak {hwm:.1f} MiB (bar: < 64 MiB)",
     ]
-    if overhead:
-        d = dict(overhead)
-        if float(d.get("count", 0)) > 0:
-            lines.append(f"- gateway's own overhead metric: mean {float(d['sum']) / float(d['count']) * 1000:.3f} ms over {int(float(d['count']))} requests")
+    if added_mean > 0 and reported > 0:
+        lines.append(
+            f"- overhead the gateway reports (`parley_overhead_seconds`, mean over the {RATE} rps run, "
+            f"{gw['overhead_count']:.0f} requests) **{reported:.3f} ms** vs added mean latency measured "
+            f"over the direct upstream **{added_mean:+.3f} ms**: ratio {added_mean / reported:.2f} "
+            f"({'agree' if agree else 'DO NOT agree'} within a factor of two; bar: 0.5-2)")
+    else:
+        lines.append(f"- overhead the gateway reports {reported:.3f} ms vs added mean latency {added_mean:+.3f} ms: "
+                     "too small to compare on this run (noise)")
     (REPO / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -11,6 +11,7 @@ pub mod error;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
+pub mod overhead;
 pub mod proxy;
 pub mod redis_state;
 pub mod reload;

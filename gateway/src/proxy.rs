@@ -71,7 +71,9 @@ pub struct ServedBy {
     pub model: Arc<Model>,
     /// Backend index in the model.
     pub backend: usize,
-    /// Time spent waiting on upstreams (and backing off).
+    /// Time spent waiting on upstreams, taken at the edges of each exchange (sending the
+    /// request to its response headers and body, or a stream's first event), and
+    /// backing off between attempts. Everything else is Parley's own overhead.
     pub upstream_wait: Duration,
 }
 
@@ -248,9 +250,10 @@ pub async fn route(
                 }
             };
             attempted = true;
-            let t0 = tokio::time::Instant::now();
-            let result = attempt(state, tenant, model, backend, prepared, req, overall).await;
-            wait += t0.elapsed();
+            let result = attempt(
+                state, tenant, model, backend, prepared, req, overall, &mut wait,
+            )
+            .await;
             match result {
                 Ok(served) => {
                     record_attempt(state, model, backend, Outcome::Success, "success");
@@ -390,6 +393,8 @@ fn upstream_kind(p: Provider) -> Upstream {
     }
 }
 
+/// One upstream attempt; adds the time spent waiting on the upstream to `wait`.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     state: &AppState,
     tenant: &Tenant,
@@ -398,6 +403,7 @@ async fn attempt(
     prepared: &mut Prepared,
     req: &ClientRequest,
     overall: tokio::time::Instant,
+    wait: &mut Duration,
 ) -> Result<Served, AttemptError> {
     let _ = state;
     let encoded = match prepared {
@@ -458,7 +464,10 @@ async fn attempt(
     let t = backend.timeouts;
     let total_deadline = overall.min(now + Duration::from_millis(t.total_ms));
     let first_deadline = total_deadline.min(now + Duration::from_millis(t.first_token_ms));
-    let response = match timeout_at(first_deadline, backend.client.request(request)).await {
+    let sent = tokio::time::Instant::now();
+    let answered = timeout_at(first_deadline, backend.client.request(request)).await;
+    *wait += sent.elapsed();
+    let response = match answered {
         Err(_) => {
             return Err(AttemptError::Retry(Failure::Timeout {
                 message: format!(
@@ -480,12 +489,14 @@ async fn attempt(
     let status = response.status();
     if !status.is_success() {
         let retry_after = parse_retry_after(response.headers());
-        let body = match timeout_at(
-            total_deadline.min(tokio::time::Instant::now() + Duration::from_secs(2)),
+        let t0 = tokio::time::Instant::now();
+        let collected = timeout_at(
+            total_deadline.min(t0 + Duration::from_secs(2)),
             response.into_body().collect(),
         )
-        .await
-        {
+        .await;
+        *wait += t0.elapsed();
+        let body = match collected {
             Ok(Ok(c)) => c.to_bytes(),
             _ => Bytes::new(),
         };
@@ -525,7 +536,10 @@ async fn attempt(
 
     let mut body = response.into_body();
     if !req.stream {
-        let bytes = match timeout_at(total_deadline, body.collect()).await {
+        let t0 = tokio::time::Instant::now();
+        let collected = timeout_at(total_deadline, body.collect()).await;
+        *wait += t0.elapsed();
+        let bytes = match collected {
             Err(_) => {
                 return Err(AttemptError::Retry(Failure::Timeout {
                     message: format!("response body not complete within {} ms", t.total_ms),
@@ -552,7 +566,10 @@ async fn attempt(
     let mut out = BytesMut::new();
     let mut first: Option<SseEvent> = None;
     while first.is_none() {
-        match timeout_at(first_deadline, body.frame()).await {
+        let t0 = tokio::time::Instant::now();
+        let frame = timeout_at(first_deadline, body.frame()).await;
+        *wait += t0.elapsed();
+        match frame {
             Err(_) => {
                 return Err(AttemptError::Retry(Failure::Timeout {
                     message: format!("no first token within {} ms", t.first_token_ms),

@@ -73,6 +73,12 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
         .with_state(Arc::clone(&state));
     let shed = Arc::clone(&state);
     let stack = ServiceBuilder::new()
+        // 0. Parley's overhead, measured at the outermost edge: `x-parley-overhead-ms`
+        //    and `parley_overhead_seconds` (see `overhead`).
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            crate::overhead::measure,
+        ))
         // 1. A client's `x-request-id` is kept only if it is sane (1-128 visible ASCII
         //    characters); otherwise it is replaced by a new one.
         .map_request(drop_insane_request_id)

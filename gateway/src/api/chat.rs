@@ -18,6 +18,7 @@ use super::{
 };
 use crate::accounting::Accounting;
 use crate::error::{ApiError, ApiFormat, ErrorKind};
+use crate::overhead::UpstreamWait;
 use crate::proxy::{self, ClientRequest, Served};
 use crate::runtime::{Model, Runtime};
 use crate::state::AppState;
@@ -123,29 +124,29 @@ async fn exchange(
 ) -> Response {
     let start = acct.start();
     let tenant = &rt.tenants[ti];
-    let fail = |e: ApiError, model: &str, overhead: Duration, acct: &mut Accounting, usage| {
+    let fail = |e: ApiError, model: &str, wait: Duration, acct: &mut Accounting, usage| {
         let status = e.status().as_u16();
         let mut resp = e.into_response_for(ApiFormat::OpenAi);
-        set_common(&mut resp, model, "none", overhead);
+        set_common(
+            &mut resp,
+            model,
+            "none",
+            start.elapsed().saturating_sub(wait),
+        );
+        resp.extensions_mut().insert(UpstreamWait(wait));
         acct.finish(status, usage);
         resp
     };
     let (body, usage, by) = match proxy::route(&state, tenant, &chain, &req).await {
         Err((e, wait)) => {
-            return fail(
-                e,
-                &model.name,
-                start.elapsed().saturating_sub(wait),
-                &mut acct,
-                Usage::default(),
-            );
+            return fail(e, &model.name, wait, &mut acct, Usage::default());
         }
         Ok((Served::Stream(_), by)) => {
             let e = ApiError::new(ErrorKind::Internal, "unexpected stream");
             return fail(
                 e,
                 &by.model.name,
-                start.elapsed(),
+                by.upstream_wait,
                 &mut acct,
                 Usage::default(),
             );
@@ -156,8 +157,6 @@ async fn exchange(
     acct.model = Arc::clone(&by.model.name);
     acct.backend = Arc::clone(&backend.name);
     acct.price = Some(by.model.price);
-    let overhead = start.elapsed().saturating_sub(by.upstream_wait);
-    state.metrics.overhead.observe(overhead.as_secs_f64());
     let completion: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let message = &completion["choices"][0]["message"];
     let reply = match &message["content"] {
@@ -185,7 +184,7 @@ async fn exchange(
         )
         .await
     {
-        return fail(e, &by.model.name, overhead, &mut acct, usage);
+        return fail(e, &by.model.name, by.upstream_wait, &mut acct, usage);
     }
     let out = json!({
         "session_id": input.session_id,
@@ -195,7 +194,13 @@ async fn exchange(
                   "total_tokens": usage.input.saturating_add(usage.output)},
     });
     let mut resp = json_response(Bytes::from(out.to_string()));
-    set_common(&mut resp, &by.model.name, &backend.name, overhead);
+    set_common(
+        &mut resp,
+        &by.model.name,
+        &backend.name,
+        start.elapsed().saturating_sub(by.upstream_wait),
+    );
+    resp.extensions_mut().insert(UpstreamWait(by.upstream_wait));
     acct.finish(200, usage);
     resp
 }

@@ -17,6 +17,7 @@ use crate::accounting::Accounting;
 use crate::cache;
 use crate::error::{ApiError, ApiFormat};
 use crate::metrics::{ModelLabel, ResultLabel};
+use crate::overhead::UpstreamWait;
 use crate::proxy::{self, ClientRequest, Served};
 use crate::runtime::{Model, Runtime};
 use crate::state::AppState;
@@ -163,8 +164,8 @@ async fn exchange(
             let status = e.status().as_u16();
             let mut resp = e.into_response_for(req.format);
             let overhead = start.elapsed().saturating_sub(wait);
-            state.metrics.overhead.observe(overhead.as_secs_f64());
             set_common(&mut resp, &model.name, "none", overhead);
+            resp.extensions_mut().insert(UpstreamWait(wait));
             acct.finish(status, Usage::default());
             return resp;
         }
@@ -174,8 +175,7 @@ async fn exchange(
     acct.backend = Arc::clone(&backend.name);
     acct.price = Some(by.model.price);
     let overhead = start.elapsed().saturating_sub(by.upstream_wait);
-    state.metrics.overhead.observe(overhead.as_secs_f64());
-    match served {
+    let mut resp = match served {
         Served::Full { body, usage } => {
             if let (Some(key), Some(c)) = (cache_key, &model.config.cache) {
                 let entry = cache::Entry {
@@ -212,7 +212,9 @@ async fn exchange(
             set_common(&mut resp, &by.model.name, &backend.name, overhead);
             resp
         }
-    }
+    };
+    resp.extensions_mut().insert(UpstreamWait(by.upstream_wait));
+    resp
 }
 
 fn check_messages(body: &Map<String, Value>) -> Result<usize, ApiError> {
