@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::ledger::{UsageRecord, epoch_micros_ago};
-use crate::metrics::{Label, RequestLabels, TenantModel, TokenLabels};
+use crate::metrics::{
+    FallbackLabels, Label, LatencyLabels, RequestLabels, TenantModel, TokenLabels,
+};
 use crate::runtime::cost_at;
 use crate::state::AppState;
 use crate::store::Held;
@@ -118,8 +120,20 @@ impl Accounting {
             model: Arc::clone(&self.model),
         };
         m.latency
-            .get_or_create(&tm)
+            .get_or_create(&LatencyLabels {
+                tenant: Arc::clone(&self.tenant),
+                model: Arc::clone(&self.model),
+                stream: if self.stream { "true" } else { "false" },
+            })
             .observe(self.start.elapsed().as_secs_f64());
+        if status < 400 && *self.backend != "none" && self.requested_model != self.model {
+            m.fallbacks
+                .get_or_create(&FallbackLabels {
+                    requested_model: Arc::clone(&self.requested_model),
+                    model: Arc::clone(&self.model),
+                })
+                .inc();
+        }
         let cost = self
             .price
             .map(|p| cost_at(p, usage.input, usage.output))

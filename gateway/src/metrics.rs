@@ -37,6 +37,27 @@ pub struct TenantModel {
     pub model: Label,
 }
 
+/// `{tenant, model, stream}` of the request latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// Tenant id.
+    pub tenant: Label,
+    /// Model.
+    pub model: Label,
+    /// `true` for streamed answers (their latency is the whole stream; their time to
+    /// first token is `parley_time_to_first_token_seconds`), else `false`.
+    pub stream: &'static str,
+}
+
+/// `{requested_model, model}` of a request a fallback served.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The model asked for.
+    pub requested_model: Label,
+    /// The fallback that served.
+    pub model: Label,
+}
+
 /// `{tenant, model, kind}` for tokens.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
@@ -141,7 +162,9 @@ pub struct Metrics {
     /// Requests answered.
     pub requests: Family<RequestLabels, Counter>,
     /// Whole request latency.
-    pub latency: Family<TenantModel, Histogram, fn() -> Histogram>,
+    pub latency: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    /// Requests served by a fallback model.
+    pub fallbacks: Family<FallbackLabels, Counter>,
     /// Time to first token of streams.
     pub ttft: Family<ModelLabel, Histogram, fn() -> Histogram>,
     /// Gateway overhead (time not spent waiting on upstreams).
@@ -192,7 +215,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("parley");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "Requests answered", requests.clone());
-        let latency: Family<TenantModel, Histogram, fn() -> Histogram> =
+        let latency: Family<LatencyLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
         registry.register(
             "request_duration_seconds",
@@ -211,6 +234,12 @@ impl Metrics {
             "overhead_seconds",
             "Time spent in the gateway, not waiting on an upstream",
             overhead.clone(),
+        );
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "fallbacks",
+            "Requests served by a fallback model instead of the one asked for",
+            fallbacks.clone(),
         );
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register("tokens", "Tokens used", tokens.clone());
@@ -314,6 +343,7 @@ impl Metrics {
             registry,
             requests,
             latency,
+            fallbacks,
             ttft,
             overhead,
             tokens,

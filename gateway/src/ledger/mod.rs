@@ -184,11 +184,17 @@ impl Ledger {
             created: Instant::now(),
         });
         ledger.set_up(false);
-        ledger
-            .metrics
-            .ledger_queue
-            .get_or_create(&ledger.label)
-            .set(0);
+        // Every series exists from the start (a dashboard shows 0, not "no data").
+        let m = &ledger.metrics;
+        m.ledger_queue.get_or_create(&ledger.label).set(0);
+        for c in [
+            &m.ledger_written,
+            &m.ledger_duplicates,
+            &m.ledger_dropped,
+            &m.ledger_errors,
+        ] {
+            c.get_or_create(&ledger.label).inc_by(0);
+        }
         let started_at = epoch_micros_ago(Duration::ZERO);
         tokio::spawn(writer(Arc::clone(&ledger), rx, budgets, started_at));
         Ok(ledger)
