@@ -2,6 +2,7 @@
 from the Go module proxy by `make target/tools/helm`): `helm lint --strict`, the rendered
 objects against the official Kubernetes schemas, the RBAC against config/rbac/role.yaml,
 the Deployment against what `parley-operator run` expects, and the values schema."""
+import json
 import os
 import pathlib
 import subprocess
@@ -55,8 +56,9 @@ def operator_container(docs) -> dict:
         [],
         ["--set", "watchNamespace=team-a", "--set", "leaderElection.enabled=false", "--set", "replicas=1"],
         ["--set", "serviceMonitor.enabled=true"],
+        ["--set", "grafanaDashboard.enabled=true", "--set", "prometheusRule.enabled=true"],
     ],
-    ids=["defaults", "one-namespace-no-leader-election", "service-monitor"],
+    ids=["defaults", "one-namespace-no-leader-election", "service-monitor", "dashboard-and-rules"],
 )
 def test_helm_lint_strict(helm, overrides):
     result = run_helm(helm, "lint", "--strict", CHART, "-n", NAMESPACE, *overrides)
@@ -189,6 +191,47 @@ def test_service_monitor_only_with_the_prometheus_operator_api(helm):
     assert monitor["spec"]["selector"]["matchLabels"] == one(docs, "Service")["spec"]["selector"]
 
 
+def test_grafana_dashboard_config_map_for_the_sidecar(helm, tmp_path):
+    assert not [d for d in template(helm) if d["kind"] == "ConfigMap"]
+    docs = template(helm, "--set", "grafanaDashboard.enabled=true", "--set", "grafanaDashboard.annotations.grafana_folder=Parley")
+    cm = one(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == NAMESPACE
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Parley"}
+    assert json.loads(cm["data"]["parley.json"]) == json.loads((REPO / "config/grafana/parley.json").read_text())
+    other = one(template(helm, "--set", "grafanaDashboard.enabled=true", "--set", "grafanaDashboard.namespace=monitoring",
+                         "--set", "grafanaDashboard.label=dashboards", "--set", "grafanaDashboard.labelValue=parley"), "ConfigMap")
+    assert other["metadata"]["namespace"] == "monitoring" and other["metadata"]["labels"]["dashboards"] == "parley"
+    # A valid Kubernetes object.
+    path = tmp_path / "cm.yaml"
+    path.write_text(yaml.safe_dump(cm))
+    result = subprocess.run([BIN / "kubernetes-validate", "--strict", "-k", KUBERNETES_VERSION, str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_rule_only_with_its_api_and_equal_to_config(helm):
+    assert not [d for d in template(helm, "--set", "prometheusRule.enabled=true") if d["kind"] == "PrometheusRule"]
+    api = ["--api-versions", "monitoring.coreos.com/v1/PrometheusRule"]
+    assert not [d for d in template(helm, *api) if d["kind"] == "PrometheusRule"]
+    rule = one(template(helm, "--set", "prometheusRule.enabled=true", "--set", "prometheusRule.labels.release=kps", *api), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["spec"] == yaml.safe_load((REPO / "config/prometheus/parley-rules.yaml").read_text())
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    runbook = (REPO / "docs/runbook.md").read_text()
+    for a in alerts:
+        assert a["annotations"]["summary"] and a["annotations"]["description"], a["alert"]
+        anchor = a["annotations"]["runbook_url"].rsplit("#", 1)[1]
+        assert anchor == a["alert"].lower() and f"\n## {a['alert']}\n" in runbook, a["alert"]
+
+
+def test_chart_files_are_the_committed_dashboard_and_rules():
+    """charts/parley/files/ holds copies (helm reads only files inside the chart): after
+    changing config/, `cp config/grafana/parley.json config/prometheus/parley-rules.yaml charts/parley/files/`."""
+    assert (CHART / "files/parley.json").read_bytes() == (REPO / "config/grafana/parley.json").read_bytes()
+    assert (CHART / "files/parley-rules.yaml").read_bytes() == (REPO / "config/prometheus/parley-rules.yaml").read_bytes()
+
+
 def test_chart_crds_are_the_committed_crds():
     assert (CHART / "crds/parley-crds.yaml").read_bytes() == (REPO / "config/crd/parley-crds.yaml").read_bytes()
 
@@ -202,8 +245,11 @@ def test_chart_crds_are_the_committed_crds():
         ["--set", "metrics.port=70000"],
         ["--set", "image.pullPolicy=Sometimes"],
         ["--set", "replicaCount=3"],
+        ["--set", "grafanaDashboard.enabled=yes"],
+        ["--set", "prometheusRule.severity=page"],
     ],
-    ids=["replicas-string", "leader-election-not-bool", "bad-namespace", "bad-port", "bad-pull-policy", "unknown-key"],
+    ids=["replicas-string", "leader-election-not-bool", "bad-namespace", "bad-port", "bad-pull-policy", "unknown-key",
+         "dashboard-enabled-not-bool", "unknown-rule-key"],
 )
 def test_broken_values_are_refused(helm, overrides):
     lint = run_helm(helm, "lint", "--strict", CHART, *overrides)
