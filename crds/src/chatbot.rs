@@ -73,8 +73,9 @@ pub struct ChatbotSpec {
     /// The `/chat` session API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<SessionsSpec>,
-    /// Usage ledger in PostgreSQL. Planned: accepted and rendered, but the gateway does not
-    /// write the ledger yet (usage and cost are in its Prometheus metrics).
+    /// Usage ledger in PostgreSQL: every gateway pod writes one row per request (tenant,
+    /// model, tokens, cost, latency, status) to table `parley_usage` [absent = usage is in
+    /// the metrics only].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSpec>,
     /// Browser access (absent = no CORS headers).

@@ -70,8 +70,10 @@ pub struct GatewayConfig {
     /// The `/chat` session API.
     #[serde(default)]
     pub sessions: SessionsConfig,
-    /// Usage ledger in PostgreSQL. Planned, not implemented yet: when set, the gateway logs
-    /// once that it does not write the ledger; usage is in the Prometheus metrics only.
+    /// Usage ledger in PostgreSQL: one row per request (refused and failed ones included)
+    /// in table `parley_usage`, written in batches off the request path; `null` = usage is
+    /// in the Prometheus metrics only. Also feeds `GET /admin/usage` on the admin listener
+    /// and, without Redis, the month's budget spend after a restart.
     #[serde(default)]
     pub usage: Option<UsageConfig>,
     /// Browser access; `null` sends no CORS headers.
@@ -83,9 +85,10 @@ pub struct GatewayConfig {
 }
 
 /// Where a secret (an API key, a URL with a password) comes from: a map with exactly one of
-/// `file`, `env` or `value`. A source that cannot be read makes that one key unusable
-/// (logged once, the rest of the config serves), except `redis.url`, without which the
-/// gateway is not ready.
+/// `file`, `env` or `value`. A file that does not exist (yet) makes that one key unusable
+/// (logged once, the rest of the config serves, the file is watched): a missing
+/// `redis.url` works like an unreachable Redis, a missing `usage.postgresUrl` writes no
+/// ledger rows until it appears.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(try_from = "SecretSourceFields", into = "SecretSourceFields")]
 pub enum SecretSource {
@@ -411,8 +414,9 @@ pub struct UpstreamKeyConfig {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL, credentials included (never logged). Until it can be
-    /// read, the gateway is not ready.
+    /// `redis://` or `rediss://` URL, credentials included (never logged). While its file
+    /// does not exist, the gateway behaves as with Redis unreachable
+    /// (`rateLimitFailureMode`, `/chat` 503, no cache).
     pub url: SecretSource,
 }
 
@@ -434,11 +438,14 @@ pub struct SessionsConfig {
     pub requests_per_minute: Option<u64>,
 }
 
-/// Usage ledger in PostgreSQL (planned; not written by this version).
+/// Usage ledger in PostgreSQL. The gateway creates its table (embedded migrations) at
+/// start; PostgreSQL being down never fails or slows a request (rows wait in a bounded
+/// queue).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsageConfig {
-    /// PostgreSQL URL, credentials included.
+    /// PostgreSQL URL (`postgres://user:password@host:port/db`, `?sslmode=require` for
+    /// TLS), credentials included (never logged).
     pub postgres_url: SecretSource,
 }
 

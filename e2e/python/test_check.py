@@ -79,7 +79,8 @@ def rendered_config(tmp_path: Path) -> Path:
 
 
 SAMPLE_SECRET_FILES = ["llm-keys/openai-primary", "llm-keys/openai-batch", "llm-keys/anthropic",
-                       "acme-key/api-key", "acme-openai/key", "globex-api-key/api-key", "redis/url"]
+                       "acme-key/api-key", "acme-openai/key", "globex-api-key/api-key", "redis/url",
+                       "usage-db/url"]
 
 
 def test_rendered_config_without_its_secret_files_is_valid_and_says_how_to_provide_them(binaries, tmp_path):
@@ -90,13 +91,14 @@ def test_rendered_config_without_its_secret_files_is_valid_and_says_how_to_provi
     for f in SAMPLE_SECRET_FILES:
         assert f"/var/run/parley/secrets/{f} does not exist" in r.stderr, (f, r.stderr)
     assert 'key "openai-primary" of Secret "llm-keys"' in r.stderr, r.stderr
-    assert "--secrets-dir DIR" in r.stderr and "7 secret files" in r.stderr, r.stderr
-    assert "the usage ledger" in r.stderr, "usage is configured but not implemented: said"
+    assert "--secrets-dir DIR" in r.stderr and "8 secret files" in r.stderr, r.stderr
 
 
 def write_sample_secrets(root: Path, redis_url: str) -> dict[str, str]:
     values = {f: f"sk-local-{f.replace('/', '-')}" for f in SAMPLE_SECRET_FILES}
     values["redis/url"] = redis_url
+    # `check` only parses it; the serving test below leaves the ledger out.
+    values["usage-db/url"] = "postgres://parley:pw-local@127.0.0.1:1/parley"
     for f, v in values.items():
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         (root / f).write_text(v + "\n")
@@ -119,7 +121,7 @@ def test_rendered_config_runs_locally_with_secrets_dir(binaries, tmp_path, start
     # Serve it, on loopback ports; only /v1/models is called (the backends are the real
     # providers' URLs, which a test must never reach).
     doc = yaml.safe_load(cfg.read_text())
-    doc.update(listen="127.0.0.1:0", adminListen="127.0.0.1:0")
+    doc.update(listen="127.0.0.1:0", adminListen="127.0.0.1:0", usage=None)
     gw = start_gateway(doc, "--secrets-dir", str(secrets))
     acme = gw.http.get("/v1/models", headers={"authorization": f"Bearer {values['acme-key/api-key']}"})
     assert acme.status_code == 200, acme.text

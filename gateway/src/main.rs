@@ -153,8 +153,8 @@ fn check(path: &std::path::Path, options: &parley_gateway::LoadOptions) -> ExitC
              gateway pod has every Secret key the operator rendered mounted there as \
              <secret>/<key>; on this machine, write each key to DIR/<secret>/<key> and pass \
              --secrets-dir DIR (or set secretsDir in the config). A key whose file is missing \
-             is unusable and the rest of the config works, except that without redis.url \
-             the gateway is not ready.",
+             is unusable and the rest of the config works (without redis.url as with \
+             Redis unreachable; without usage.postgresUrl no ledger rows).",
             n = report.missing_secret_files.len(),
             s = if report.missing_secret_files.len() == 1 {
                 ""

@@ -21,8 +21,8 @@ use parley_crds::money::parse_usd_micros;
 use sha2::{Digest, Sha256};
 
 use crate::breaker::Breaker;
-use crate::metrics::{BackendLabels, Label, Metrics};
 use crate::ledger::Ledger;
+use crate::metrics::{BackendLabels, Label, Metrics};
 use crate::redis_state::{self, Redis};
 
 /// The HTTP client used for upstream calls (HTTP/1.1 and HTTP/2, TLS via rustls).
@@ -374,6 +374,13 @@ pub fn secret_files(config: &GatewayConfig, base: &Path) -> Vec<PathBuf> {
         .redis
         .as_ref()
         .and_then(|r| secret_path(&r.url, base))
+    {
+        out.push(p);
+    }
+    if let Some(p) = config
+        .usage
+        .as_ref()
+        .and_then(|u| secret_path(&u.postgres_url, base))
     {
         out.push(p);
     }
