@@ -64,15 +64,16 @@ test-cluster: images test-images cluster-tools target/tools/helm $(VENV)/.instal
 	@scripts/images.sh save target/images
 	$(PYTHON) -m pytest -q e2e/cluster
 
-services: ## Start the shared test services (Redis on 127.0.0.1:6379) unless they are running
+services: ## Start the shared test services (Redis on 127.0.0.1:6379, PostgreSQL on 127.0.0.1:55432) unless they are running
 	@scripts/services.sh
 
 test-rust: toolchain services $(CONTROLPLANE_BIN)
 	$(CARGO) test --workspace --no-fail-fast
 
-test-python: $(VENV)/.installed build services target/tools/helm
+test-python: $(VENV)/.installed build services target/tools/helm $(CONTROLPLANE_BIN)
 	$(PYTHON) -m pytest -q e2e/manifests
 	$(PYTHON) -m pytest -q -c e2e/python/pytest.ini e2e/python
+	$(PYTHON) -m pytest -q -c e2e/python/pytest.ini e2e/observability
 
 # helm, for the chart tests (e2e/manifests/test_chart.py): built once from the Go module
 # proxy (no binary downloads) into target/tools/helm, with the ldflags of helm's own
