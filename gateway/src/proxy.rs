@@ -16,6 +16,7 @@ use tokio::time::timeout_at;
 use crate::breaker::Outcome;
 use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::metrics::AttemptLabels;
+use crate::overhead::ConnTiming;
 use crate::runtime::{Backend, Model, Tenant};
 use crate::state::AppState;
 use crate::translate::sse::{MAX_EVENT_BYTES, SseEvent, SseParser};
@@ -464,9 +465,21 @@ async fn attempt(
     let t = backend.timeouts;
     let total_deadline = overall.min(now + Duration::from_millis(t.total_ms));
     let first_deadline = total_deadline.min(now + Duration::from_millis(t.first_token_ms));
+    // The wait is first taken around each await on the upstream (`coarse`); once the
+    // exchange is over, the connection's own clock narrows it to the time bytes took:
+    // from the connect (a new connection) or the request's first byte to the last byte
+    // read (`narrow_wait`). Pool checkout, hyper's work and task hand-offs are Parley's.
+    let coarse_before = *wait;
+    let since = crate::overhead::mark();
     let sent = tokio::time::Instant::now();
     let answered = timeout_at(first_deadline, backend.client.request(request)).await;
     *wait += sent.elapsed();
+    let clock = answered
+        .as_ref()
+        .ok()
+        .and_then(|r| r.as_ref().ok())
+        .and_then(|r| r.extensions().get::<ConnTiming>().cloned());
+    let narrow = |wait: &mut Duration| narrow_wait(wait, coarse_before, since, clock.as_ref());
     let response = match answered {
         Err(_) => {
             return Err(AttemptError::Retry(Failure::Timeout {
@@ -496,6 +509,7 @@ async fn attempt(
         )
         .await;
         *wait += t0.elapsed();
+        narrow(wait);
         let body = match collected {
             Ok(Ok(c)) => c.to_bytes(),
             _ => Bytes::new(),
@@ -552,6 +566,7 @@ async fn attempt(
             }
             Ok(Ok(c)) => c.to_bytes(),
         };
+        narrow(wait);
         return full_response(req.format, backend.provider, bytes, &model.name);
     }
 
@@ -614,6 +629,7 @@ async fn attempt(
             translator.on_event(&ev, &mut out);
         }
     }
+    narrow(wait);
     Ok(Served::Stream(Box::new(StreamStart {
         first: out.freeze(),
         translator,
@@ -621,6 +637,23 @@ async fn attempt(
         body,
         deadline: total_deadline,
     })))
+}
+
+/// Narrows an attempt's upstream wait (`wait - coarse_before`, taken around the awaits)
+/// to what the connection's clock saw of the exchange that began at `since`, when it saw
+/// it (never more than the coarse measure).
+fn narrow_wait(
+    wait: &mut Duration,
+    coarse_before: Duration,
+    since: u64,
+    clock: Option<&ConnTiming>,
+) {
+    let coarse = wait.saturating_sub(coarse_before);
+    if let Some(io) = clock.and_then(|c| c.waited_since(since))
+        && io < coarse
+    {
+        *wait = coarse_before + io;
+    }
 }
 
 fn full_response(

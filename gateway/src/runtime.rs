@@ -26,7 +26,8 @@ use crate::metrics::{BackendLabels, Label, Metrics};
 use crate::redis_state::{self, Redis};
 
 /// The HTTP client used for upstream calls (HTTP/1.1 and HTTP/2, TLS via rustls).
-pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type HttpClient =
+    Client<hyper_rustls::HttpsConnector<crate::overhead::TimedConnector>, Full<Bytes>>;
 
 /// An upstream auth header, ready to send.
 #[derive(Clone, Debug)]
@@ -337,7 +338,8 @@ fn build_client(connect_ms: u64, tls: &rustls::ClientConfig) -> HttpClient {
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        // Records when bytes move, for `parley_overhead_seconds`.
+        .wrap_connector(crate::overhead::TimedConnector(http));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)

@@ -297,8 +297,18 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(router.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                // The connection records when bytes move; its requests carry the clock
+                // (`overhead`: when a request began to arrive).
+                let io = crate::overhead::TimedTcp::new(stream);
+                let clock = io.clock();
+                let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+                    router.clone(),
+                    move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(clock.clone());
+                        req
+                    },
+                ));
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
