@@ -267,3 +267,21 @@ def test_the_postgres_url_is_never_logged(start_mock, start_gateway, private_pg)
     _wait_for(lambda: gw.metric("parley_ledger_up") == 0, 10, "ledger down")
     assert "hunter2" not in gw.proc.stderr() + gw.proc.stdout() + gw.metrics()
     assert "hunter2" not in json.dumps(httpx.get(f"{gw.admin}/admin/usage", timeout=20).json())
+
+
+def test_a_client_that_goes_away_mid_stream_gets_its_row_with_what_was_generated(start_mock, start_gateway, shared_pg):
+    mock = start_mock()
+    mock.config(reply_tokens=40, tokens_per_second=40)
+    gw = start_gateway(ledger_doc(mock, shared_pg))
+    with httpx.Client(timeout=10) as c:
+        with c.stream("POST", f"{gw.url}/v1/chat/completions", json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "long"}]},
+                      headers={"authorization": f"Bearer {TENANT_KEY}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())
+    # The gateway reads the rest of the upstream stream, then writes the row.
+    wait_rows(shared_pg, 1, timeout=30)
+    status, out, micros, stream = shared_pg.sql("SELECT status, output_tokens, (cost_usd * 1000000)::int8, stream FROM parley_usage")[0]
+    stats = mock.stats()
+    assert status == "499" and stream == "t"
+    assert int(out) == stats["completion_tokens_total"] > 0
+    assert int(micros) > 0
