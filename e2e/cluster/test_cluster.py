@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -24,6 +24,7 @@ import yaml
 
 from conftest import (
     CHART,
+    REPO,
     IMAGE_TAG,
     MOCK_IMAGE,
     REDIS_IMAGE,
@@ -33,6 +34,9 @@ from conftest import (
     condition,
     wait_for,
 )
+
+sys.path.insert(0, str(REPO / "e2e" / "manifests"))
+from argocd_health import health  # noqa: E402 - the Argo CD health scripts' runner
 
 RELEASE = "parley"
 SYSTEM_NS = "parley-system"
@@ -260,6 +264,18 @@ def test_samples_become_ready_and_the_hpa_takes_the_gateway_to_its_minimum(kube:
     assert container["image"] == f"ghcr.io/parley-dev/parley-gateway:{IMAGE_TAG}"
     time.sleep(5)
     assert deployment_replicas(kube) == 2, "the operator reset the replicas the HPA set"
+
+    # Argo CD's view of the same objects (config/argocd): all Healthy once the pods are.
+    for doc in samples:
+        if doc["apiVersion"].startswith("parley.dev/"):
+            kind, name = doc["kind"], doc["metadata"]["name"]
+
+            def healthy() -> bool:
+                status = health(kind, kube.get(kind, name, NS))
+                assert status[0] == "Healthy", status
+                return True
+
+            wait_for(healthy, 60, f"Argo CD to see {kind} {name} Healthy")
 
 
 def test_chat_and_stream_through_the_gateway_service(kube: Kube, samples: list[dict], mock_stats):
