@@ -42,7 +42,9 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         subprocess.run(["apt-get", "update", "-qq"], check=False, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "prometheus"], check=True, timeout=900, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        # Only the binaries are used (run as a plain process below), not the packaged service.
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True, timeout=900,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         found = shutil.which(name)
     assert found, f"{name} is not installed (Debian package prometheus)"
     return found
