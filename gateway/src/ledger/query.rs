@@ -45,9 +45,12 @@ fn check_time(name: &str, v: &str) -> Result<(), String> {
         && digits(8..10);
     let rest_ok = match b.get(10) {
         None => true,
-        Some(b'T' | b' ') => b[11..]
-            .iter()
-            .all(|c| c.is_ascii_digit() || b":.+-Z".contains(c)),
+        Some(b'T' | b' ') => {
+            b.len() > 11
+                && b[11..]
+                    .iter()
+                    .all(|c| c.is_ascii_digit() || b":.+-Z".contains(c))
+        }
         Some(_) => false,
     };
     if date_ok && rest_ok && v.len() <= 40 {
@@ -213,4 +216,36 @@ fn db_error(e: &tokio_postgres::Error) -> Response {
         StatusCode::SERVICE_UNAVAILABLE,
         format!("the usage ledger (PostgreSQL) failed to answer: {e}; retry later"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_time;
+
+    #[test]
+    fn dates_and_times_are_checked_before_postgres_sees_them() {
+        for ok in [
+            "2026-12-01",
+            "2026-12-01T08:00:00Z",
+            "2026-12-01 08:00:00+01:00",
+            "2026-12-01T08:00:00.5Z",
+        ] {
+            assert!(check_time("from", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "2026",
+            "2026-1-01",
+            "yesterday",
+            "2026-12-01X",
+            "2026-12-01T08:00;DROP",
+            "2026-12-01T",
+        ] {
+            let e = check_time("to", bad);
+            assert!(
+                e.as_ref().is_err_and(|m| m.contains("`to`")),
+                "{bad}: {e:?}"
+            );
+        }
+    }
 }
