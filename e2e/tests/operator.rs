@@ -1603,3 +1603,255 @@ async fn kong_objects_are_applied_with_credentials_or_reported_unavailable() -> 
     );
     Ok(())
 }
+
+/// A small team of one Chatbot: a ModelRoute `<team>-model`, a Tenant with a given key and
+/// one with a generated key, all labelled `team: <team>`, and Chatbot `<team>` selecting
+/// them (one replica, no Redis). The key Secret `keys` is shared by every team.
+fn team(team: &str) -> String {
+    format!(
+        "apiVersion: parley.dev/v1alpha1
+kind: ModelRoute
+metadata: {{name: {team}-model, labels: {{team: {team}}}}}
+spec:
+  backends:
+  - {{name: a, provider: openai, baseUrl: 'https://example.com/v1', apiKeySecretRef: {{name: keys, key: llm}}}}
+---
+apiVersion: parley.dev/v1alpha1
+kind: Tenant
+metadata: {{name: {team}-given, labels: {{team: {team}}}}}
+spec:
+  apiKeys: [{{secretRef: {{name: keys, key: tenant}}}}]
+---
+apiVersion: parley.dev/v1alpha1
+kind: Tenant
+metadata: {{name: {team}-generated, labels: {{team: {team}}}}}
+spec: {{}}
+---
+apiVersion: parley.dev/v1alpha1
+kind: Chatbot
+metadata: {{name: {team}}}
+spec:
+  defaultModel: {team}-model
+  modelSelector: {{matchLabels: {{team: {team}}}}}
+  tenantSelector: {{matchLabels: {{team: {team}}}}}
+  gateway: {{replicas: 1}}
+"
+    )
+}
+
+const TEAM_KEYS: &str = "apiVersion: v1
+kind: Secret
+metadata: {name: keys}
+stringData: {llm: llm-value, tenant: tenant-value}
+";
+
+/// The operator's requests from the audit log, in order (empty on an external cluster).
+fn operator_events(cluster: &TestCluster) -> anyhow::Result<Vec<controlplane::AuditEvent>> {
+    let Some(log) = cluster.audit_log() else {
+        return Ok(Vec::new());
+    };
+    let user = format!(
+        "system:serviceaccount:{}:{SERVICE_ACCOUNT}",
+        cluster.namespace
+    );
+    Ok(controlplane::read_audit_log(log)?
+        .into_iter()
+        .filter(|e| e.acting_user() == user && e.stage == "ResponseComplete")
+        .collect())
+}
+
+fn is_write(e: &controlplane::AuditEvent) -> bool {
+    matches!(
+        e.verb.as_str(),
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+fn describe(e: &controlplane::AuditEvent) -> String {
+    format!("{} {} ({:?})", e.verb, e.request_uri, e.code())
+}
+
+/// Every reconcile so far, of any kind and result.
+fn reconciles(metrics: &Metrics) -> u64 {
+    let results = ["ok", "api", "conflict", "forbidden", "invalid", "transport"];
+    ["Chatbot", "Tenant", "ModelRoute"]
+        .iter()
+        .flat_map(|kind| results.iter().map(move |r| metrics.reconciles(kind, r)))
+        .sum()
+}
+
+/// Waits until no reconcile has started for `quiet` (the echoes of the last writes are
+/// over); at most [`WAIT`].
+async fn settled(metrics: &Metrics, quiet: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = reconciles(metrics);
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = reconciles(metrics);
+        if now != last {
+            last = now;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() >= quiet {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the operator kept reconciling for {WAIT:?} after everything was Ready"
+        );
+    }
+}
+
+/// Nothing changes: the operator makes no write at all and runs no reconcile (nothing
+/// it watches changes, and its periodic re-check is far longer than the window), over a
+/// window longer than any of its retries and Kong re-checks.
+#[tokio::test]
+async fn at_rest_the_operator_writes_nothing_and_reconciles_nothing() -> anyhow::Result<()> {
+    /// Longer than the error backoff's first steps and than an echo of a write.
+    const AT_REST: Duration = Duration::from_secs(20);
+    with_cluster(|cluster, operator_client| async move {
+        let ns = cluster.namespace.clone();
+        apply(&cluster.client, &ns, TEAM_KEYS).await?;
+        apply(
+            &cluster.client,
+            &ns,
+            &format!("{}---\n{}", team("red"), team("blue")),
+        )
+        .await?;
+        let operator = Operator::start(operator_client, &ns);
+        let chatbots = Api::<Chatbot>::namespaced(cluster.client.clone(), &ns);
+        for name in ["red", "blue"] {
+            chatbot_ready(&chatbots, name, "True").await?;
+        }
+        settled(&operator.metrics, Duration::from_secs(2)).await?;
+        let before = operator_events(&cluster)?.len();
+        let reconciles_before = reconciles(&operator.metrics);
+        tokio::time::sleep(AT_REST).await;
+        // Give the last audit lines a moment to be written.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let events = operator_events(&cluster)?;
+        let reconciles_after = reconciles(&operator.metrics);
+        operator.stop().await?;
+        if !cluster.is_external() {
+            ensure!(before > 0, "the audit log has no request of the operator");
+        }
+        let writes: Vec<String> = events
+            .iter()
+            .skip(before)
+            .filter(|e| is_write(e))
+            .map(describe)
+            .collect();
+        ensure!(
+            writes.is_empty(),
+            "the operator wrote {} time(s) in {AT_REST:?} at rest:\n{}",
+            writes.len(),
+            writes.join("\n")
+        );
+        ensure!(
+            reconciles_after == reconciles_before,
+            "{} reconcile(s) at rest with nothing changed",
+            reconciles_after - reconciles_before
+        );
+        Ok(cluster)
+    })
+    .await
+}
+
+/// Changing the ModelRoute of one Chatbot re-renders that Chatbot only: the other gets
+/// no write at all (no apply, no status, no Event) and its ConfigMap keeps its
+/// resourceVersion.
+#[tokio::test]
+async fn a_model_route_change_rerenders_only_the_chatbots_that_select_it() -> anyhow::Result<()> {
+    with_cluster(|cluster, operator_client| async move {
+        let ns = cluster.namespace.clone();
+        apply(&cluster.client, &ns, TEAM_KEYS).await?;
+        apply(
+            &cluster.client,
+            &ns,
+            &format!("{}---\n{}", team("red"), team("blue")),
+        )
+        .await?;
+        let operator = Operator::start(operator_client, &ns);
+        let chatbots = Api::<Chatbot>::namespaced(cluster.client.clone(), &ns);
+        for name in ["red", "blue"] {
+            chatbot_ready(&chatbots, name, "True").await?;
+        }
+        settled(&operator.metrics, Duration::from_secs(2)).await?;
+        let config_maps = Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns);
+        let blue_before = config_maps.get("blue-gateway").await?;
+        let red_before = config_maps.get("red-gateway").await?;
+        let before = operator_events(&cluster)?.len();
+        let routes = Api::<ModelRoute>::namespaced(cluster.client.clone(), &ns);
+        routes
+            .patch(
+                "red-model",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"maxOutputTokens": 1234}})),
+            )
+            .await?;
+        eventually("red's config to carry the new maxOutputTokens", || async {
+            let cm = config_maps.get("red-gateway").await?;
+            let text = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("config.yaml"))
+                .cloned()
+                .unwrap_or_default();
+            Ok(text.contains("1234").then_some(()))
+        })
+        .await?;
+        settled(&operator.metrics, Duration::from_secs(2)).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let events = operator_events(&cluster)?;
+        operator.stop().await?;
+        let blue_after = config_maps.get("blue-gateway").await?;
+        ensure!(
+            blue_after.metadata.resource_version == blue_before.metadata.resource_version,
+            "blue's ConfigMap changed: {:?} -> {:?}",
+            blue_before.metadata.resource_version,
+            blue_after.metadata.resource_version
+        );
+        let red_after = config_maps.get("red-gateway").await?;
+        ensure!(red_after.metadata.resource_version != red_before.metadata.resource_version);
+        if cluster.is_external() {
+            return Ok(cluster);
+        }
+        let about_blue = |e: &controlplane::AuditEvent| {
+            e.object_ref
+                .as_ref()
+                .and_then(|o| o.name.as_deref())
+                .is_some_and(|n| n == "blue" || n.starts_with("blue-") || n.starts_with("blue."))
+                || e.request_uri.contains("/blue")
+        };
+        let writes: Vec<&controlplane::AuditEvent> =
+            events.iter().skip(before).filter(|e| is_write(e)).collect();
+        let to_blue: Vec<String> = writes
+            .iter()
+            .filter(|e| about_blue(e))
+            .map(|e| describe(e))
+            .collect();
+        ensure!(
+            to_blue.is_empty(),
+            "the change to red's ModelRoute wrote to blue:\n{}",
+            to_blue.join("\n")
+        );
+        // And the check can see a write: red's ConfigMap was applied.
+        ensure!(
+            writes.iter().any(|e| e.verb == "patch"
+                && e.object_ref.as_ref().and_then(|o| o.name.as_deref()) == Some("red-gateway")
+                && e.resource() == "configmaps"),
+            "no apply of red's ConfigMap in the audit log: {:?}",
+            writes.iter().map(|e| describe(e)).collect::<Vec<_>>()
+        );
+        // Blue was not even reconciled: no read of its inputs by name either.
+        let blue_reads: Vec<String> = events
+            .iter()
+            .skip(before)
+            .filter(|e| e.verb == "get" && about_blue(e))
+            .map(describe)
+            .collect();
+        ensure!(blue_reads.is_empty(), "blue was re-read: {blue_reads:?}");
+        Ok(cluster)
+    })
+    .await
+}

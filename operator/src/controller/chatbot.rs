@@ -1,7 +1,7 @@
 //! The Chatbot controller: fetch inputs, [`render`], server-side apply, prune what the
 //! spec no longer renders, write status, publish Events.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use parley_crds::names::bounded_name;
@@ -28,8 +29,8 @@ use super::conditions::{self, Desired, MAX_MESSAGE_BYTES};
 use super::delete_ignoring_missing;
 use super::kong::{self, KongOutcome};
 use super::{
-    Context, Error, drain, kube_err, measured, object_key, referenced_secrets, retry_later,
-    same_namespace, scoped_api, secret_keys,
+    Context, Error, drain, kube_err, label_selector_matches, measured, object_key,
+    referenced_secrets, retry_later, scoped_api, secret_keys,
 };
 use crate::render::{self, MANAGER, RenderError, RenderInput, Rendered, Severity};
 
@@ -63,6 +64,113 @@ pub fn children_selector(chatbot_name: &str) -> String {
     )
 }
 
+/// What the controller last read and applied for one Chatbot.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Memo {
+    /// The Chatbot's namespace and name.
+    namespace: String,
+    name: String,
+    /// Names of the ModelRoutes and Tenants it selected, and of the Secrets it named.
+    routes: BTreeSet<String>,
+    tenants: BTreeSet<String>,
+    secrets: BTreeSet<String>,
+    /// The last successful apply: `None` until one, and again once a child changed.
+    applied: Option<Applied>,
+}
+
+/// One successful apply of a Chatbot's objects.
+#[derive(Clone, Debug)]
+struct Applied {
+    /// The Chatbot's uid (a Chatbot recreated under the same name starts afresh).
+    uid: Option<String>,
+    /// Hash of every applied object.
+    hash: u64,
+    /// `Kind/name` of each applied child -> the resourceVersion the apply answered.
+    versions: HashMap<String, String>,
+}
+
+fn memo_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// Hash of the objects `rendered` applies.
+fn rendered_hash(rendered: &Rendered) -> Result<u64, Error> {
+    use std::hash::{Hash, Hasher};
+    let objects = rendered.objects().map_err(|source| Error::Serialize {
+        what: "the rendered objects".into(),
+        source,
+    })?;
+    let bytes = serde_json::to_vec(&objects).map_err(|source| Error::Serialize {
+        what: "the rendered objects".into(),
+        source,
+    })?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Ok(hasher.finish())
+}
+
+/// The Chatbots of `store` in the namespace of `other` for which `wanted` holds (given
+/// the Chatbot and its memo).
+fn selecting<O: Resource>(
+    store: &kube::runtime::reflector::Store<Chatbot>,
+    ctx: &Context,
+    other: &O,
+    wanted: impl Fn(&Chatbot, Option<&Memo>) -> bool,
+) -> Vec<ObjectRef<Chatbot>> {
+    let namespace = other.meta().namespace.clone();
+    let memos = ctx.chatbots.lock().ok();
+    store
+        .state()
+        .iter()
+        .filter(|cb| cb.meta().namespace == namespace)
+        .filter(|cb| {
+            let memo = memos.as_ref().and_then(|m| {
+                m.get(&memo_key(
+                    cb.meta().namespace.as_deref().unwrap_or_default(),
+                    cb.meta().name.as_deref().unwrap_or_default(),
+                ))
+            });
+            wanted(cb, memo)
+        })
+        .map(|cb| ObjectRef::from_obj(cb.as_ref()))
+        .collect()
+}
+
+/// Maps an event of a child to its Chatbot, unless the child is exactly as the last apply
+/// left it (the echo of the operator's own write). Any other change (edited by someone,
+/// deleted, its status moved) forgets the last apply, so the reconcile applies again.
+fn owned_by_chatbot<K: Resource<DynamicType = ()>>(
+    ctx: Arc<Context>,
+) -> impl Fn(K) -> Option<ObjectRef<Chatbot>> + Send + Sync + 'static {
+    move |child| {
+        let meta = child.meta();
+        let ns = meta.namespace.clone()?;
+        let owner = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true) && o.kind == KIND)?;
+        let child_key = format!(
+            "{}/{}",
+            K::kind(&()),
+            meta.name.as_deref().unwrap_or_default()
+        );
+        if let Ok(mut memos) = ctx.chatbots.lock()
+            && let Some(memo) = memos.get_mut(&memo_key(&ns, &owner.name))
+        {
+            let unchanged = memo.applied.as_ref().is_some_and(|a| {
+                a.uid.as_deref() == Some(owner.uid.as_str())
+                    && a.versions.get(&child_key) == meta.resource_version.as_ref()
+            });
+            if unchanged {
+                return None;
+            }
+            memo.applied = None;
+        }
+        Some(ObjectRef::new(&owner.name).within(&ns))
+    }
+}
+
 /// Runs the Chatbot controller until `shutdown`.
 pub async fn controller(
     ctx: Arc<Context>,
@@ -78,39 +186,91 @@ pub async fn controller(
     );
     let reader = controller.store();
     let store = controller.store();
-    let (routes_store, tenants_store, secrets_store) = (store.clone(), store.clone(), store);
+    let (routes_store, tenants_store) = (store.clone(), store);
+    let (routes_ctx, tenants_ctx, secrets_ctx) =
+        (Arc::clone(&ctx), Arc::clone(&ctx), Arc::clone(&ctx));
     let stream = controller
-        .owns(scoped_api::<Deployment>(&client, ns), owned.clone())
-        .owns(scoped_api::<Service>(&client, ns), owned.clone())
-        .owns(scoped_api::<ConfigMap>(&client, ns), owned.clone())
-        .owns(scoped_api::<ServiceAccount>(&client, ns), owned.clone())
-        .owns(
+        .watches(
+            scoped_api::<Deployment>(&client, ns),
+            owned.clone(),
+            owned_by_chatbot(Arc::clone(&ctx)),
+        )
+        .watches(
+            scoped_api::<Service>(&client, ns),
+            owned.clone(),
+            owned_by_chatbot(Arc::clone(&ctx)),
+        )
+        .watches(
+            scoped_api::<ConfigMap>(&client, ns),
+            owned.clone(),
+            owned_by_chatbot(Arc::clone(&ctx)),
+        )
+        .watches(
+            scoped_api::<ServiceAccount>(&client, ns),
+            owned.clone(),
+            owned_by_chatbot(Arc::clone(&ctx)),
+        )
+        .watches(
             scoped_api::<HorizontalPodAutoscaler>(&client, ns),
             owned.clone(),
+            owned_by_chatbot(Arc::clone(&ctx)),
         )
-        .owns(
+        .watches(
             scoped_api::<PodDisruptionBudget>(&client, ns),
             owned.clone(),
+            owned_by_chatbot(Arc::clone(&ctx)),
         )
-        .owns(scoped_api::<Ingress>(&client, ns), owned)
+        .watches(
+            scoped_api::<Ingress>(&client, ns),
+            owned,
+            owned_by_chatbot(Arc::clone(&ctx)),
+        )
+        // A ModelRoute or Tenant re-renders only the Chatbots that select it now or
+        // selected it when they were last rendered (it may have stopped matching).
         .watches(
             scoped_api::<ModelRoute>(&client, ns),
             watcher::Config::default(),
-            move |route| same_namespace(&routes_store, &route),
+            move |route| {
+                let name = route.name_any();
+                selecting(&routes_store, &routes_ctx, &route, |cb, memo| {
+                    label_selector_matches(cb.spec.model_selector.as_ref(), route.labels())
+                        || memo.is_some_and(|m| m.routes.contains(&name))
+                })
+            },
         )
         .watches(
             scoped_api::<Tenant>(&client, ns),
             watcher::Config::default(),
-            move |tenant| same_namespace(&tenants_store, &tenant),
+            move |tenant| {
+                let name = tenant.name_any();
+                selecting(&tenants_store, &tenants_ctx, &tenant, |cb, memo| {
+                    render::selects_tenant(cb, &tenant)
+                        || memo.is_some_and(|m| m.tenants.contains(&name))
+                })
+            },
         )
         // Metadata only (list and watch as PartialObjectMetadata): Secret values never
-        // enter a cache. A Secret that appears, changes or goes re-renders the Chatbots of
-        // its namespace (a key that appears makes one Ready; a rotated Tenant key is copied
-        // again into its Kong credential).
+        // enter a cache. A Secret that appears, changes or goes re-renders the Chatbots
+        // that named it when they were last read (a key that appears makes one Ready; a
+        // rotated Tenant key is copied again into its Kong credential). A Chatbot records
+        // the Secrets it names before it reads them, so none is missed.
         .watches(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret| same_namespace(&secrets_store, &secret),
+            move |secret| {
+                let Some(ns) = secret.namespace() else {
+                    return Vec::new();
+                };
+                let name = secret.name_any();
+                let Ok(memos) = secrets_ctx.chatbots.lock() else {
+                    return Vec::new();
+                };
+                memos
+                    .iter()
+                    .filter(|(_, m)| m.namespace == ns && m.secrets.contains(&name))
+                    .map(|(_, m)| ObjectRef::new(&m.name).within(&m.namespace))
+                    .collect::<Vec<_>>()
+            },
         )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
@@ -128,30 +288,60 @@ fn error_policy(chatbot: Arc<Chatbot>, error: &Error, ctx: Arc<Context>) -> Acti
 async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Error> {
     if chatbot.meta().deletion_timestamp.is_some() {
         // The garbage collector removes the children (owner references).
+        if let (Some(ns), Some(name), Ok(mut memos)) = (
+            chatbot.namespace(),
+            chatbot.meta().name.as_ref(),
+            ctx.chatbots.lock(),
+        ) {
+            memos.remove(&memo_key(&ns, name));
+        }
         return Ok(Action::await_change());
     }
     let (Some(ns), Some(_)) = (chatbot.namespace(), chatbot.meta().name.as_ref()) else {
         return Err(Error::Unnamed(object_key(chatbot)));
     };
     let client = &ctx.client;
+    let name = chatbot.name_any();
+    let key = memo_key(&ns, &name);
+    // Only the ModelRoutes and Tenants its selectors match (the API server filters);
+    // render selects again, so an unfiltered list (an invalid selector) is also right.
     let model_routes = Api::<ModelRoute>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
+        .list(&selected(chatbot.spec.model_selector.as_ref()))
         .await
         .map_err(kube_err(format!("listing ModelRoutes in {ns}")))?
         .items;
     let tenants = Api::<Tenant>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
+        .list(&selected(chatbot.spec.tenant_selector.as_ref()))
         .await
         .map_err(kube_err(format!("listing Tenants in {ns}")))?
         .items;
     // Only the Secrets that the Chatbot and the ModelRoutes and Tenants it selects name,
-    // each read by name and reduced to its key names.
-    let secrets = secret_keys(
-        client,
-        &ns,
-        referenced_secrets(chatbot, &model_routes, &tenants),
-    )
-    .await?;
+    // each read by name and reduced to its key names. They are recorded first, so that a
+    // Secret event from now on re-renders this Chatbot.
+    let names = referenced_secrets(chatbot, &model_routes, &tenants);
+    let selected_routes: BTreeSet<String> = model_routes
+        .iter()
+        .filter(|r| label_selector_matches(chatbot.spec.model_selector.as_ref(), r.labels()))
+        .map(ResourceExt::name_any)
+        .collect();
+    let selected_tenants: BTreeSet<String> = tenants
+        .iter()
+        .filter(|t| render::selects_tenant(chatbot, t))
+        .map(ResourceExt::name_any)
+        .collect();
+    let previous = match ctx.chatbots.lock() {
+        Ok(mut memos) => {
+            let memo = memos.entry(key.clone()).or_default();
+            memo.namespace.clone_from(&ns);
+            memo.name.clone_from(&name);
+            memo.routes = selected_routes;
+            memo.tenants = selected_tenants;
+            memo.secrets.clone_from(&names);
+            memo.applied.clone()
+        }
+        Err(_) => None,
+    };
+    let secrets = secret_keys(client, &ns, names).await?;
     let input = RenderInput {
         chatbot,
         model_routes: &model_routes,
@@ -166,7 +356,27 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
             Ok(Action::requeue(RESYNC))
         }
         Ok(rendered) => {
-            let (ready_replicas, kong_outcome) = match apply_all(chatbot, ctx, &ns, &rendered).await
+            let hash = rendered_hash(&rendered)?;
+            // Nothing to write when the same objects were applied last time and no child
+            // changed since (a changed child forgets the apply, see [`owned_by_chatbot`]).
+            // Kong credentials copy Secret values the hash does not see: always applied.
+            let unchanged = chatbot.spec.kong.is_none()
+                && previous
+                    .as_ref()
+                    .is_some_and(|a| a.hash == hash && a.uid == chatbot.uid());
+            if unchanged {
+                applied(chatbot, ctx, &rendered, None, &KongOutcome::NotRequested).await?;
+                return Ok(Action::requeue(RESYNC));
+            }
+            let mut versions = HashMap::new();
+            let (ready_replicas, kong_outcome) = match apply_all(
+                chatbot,
+                ctx,
+                &ns,
+                &rendered,
+                &mut versions,
+            )
+            .await
             {
                 Ok(done) => done,
                 Err(e) => {
@@ -184,6 +394,15 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
                 }
             };
             prune(chatbot, ctx, &ns, &rendered, &kong_outcome).await?;
+            if let Ok(mut memos) = ctx.chatbots.lock()
+                && let Some(memo) = memos.get_mut(&key)
+            {
+                memo.applied = Some(Applied {
+                    uid: chatbot.uid(),
+                    hash,
+                    versions,
+                });
+            }
             applied(chatbot, ctx, &rendered, ready_replicas, &kong_outcome).await?;
             if matches!(kong_outcome, KongOutcome::Unavailable(_)) {
                 // Nothing watched announces that Kong's CRDs were installed: look again soon.
@@ -375,21 +594,38 @@ async fn apply_all(
     ctx: &Context,
     ns: &str,
     rendered: &Rendered,
+    versions: &mut HashMap<String, String>,
 ) -> Result<(Option<i32>, KongOutcome), Error> {
+    fn note<K: Resource<DynamicType = ()>>(versions: &mut HashMap<String, String>, live: &K) {
+        if let Some(rv) = &live.meta().resource_version {
+            versions.insert(
+                format!(
+                    "{}/{}",
+                    K::kind(&()),
+                    live.meta().name.as_deref().unwrap_or_default()
+                ),
+                rv.clone(),
+            );
+        }
+    }
     let client = &ctx.client;
-    apply(client, ns, &rendered.service_account).await?;
-    apply(client, ns, &rendered.config_map).await?;
+    note(
+        versions,
+        &apply(client, ns, &rendered.service_account).await?,
+    );
+    note(versions, &apply(client, ns, &rendered.config_map).await?);
     hand_replicas_to_hpa(ctx, ns, &rendered.deployment).await?;
     let deployment = apply(client, ns, &rendered.deployment).await?;
-    apply(client, ns, &rendered.service).await?;
+    note(versions, &deployment);
+    note(versions, &apply(client, ns, &rendered.service).await?);
     if let Some(hpa) = &rendered.autoscaler {
-        apply(client, ns, hpa).await?;
+        note(versions, &apply(client, ns, hpa).await?);
     }
     if let Some(pdb) = &rendered.disruption_budget {
-        apply(client, ns, pdb).await?;
+        note(versions, &apply(client, ns, pdb).await?);
     }
     if let Some(ingress) = &rendered.ingress {
-        apply(client, ns, ingress).await?;
+        note(versions, &apply(client, ns, ingress).await?);
     }
     let kong_outcome = kong::apply(client, ns, chatbot, rendered).await?;
     tracing::debug!(chatbot = %object_key(chatbot), "applied");
@@ -418,6 +654,17 @@ where
     )
     .await
     .map_err(kube_err(format!("applying {} {ns}/{name}", K::kind(&()))))
+}
+
+/// List parameters selecting what `selector` matches (absent: everything; one that is
+/// not a valid selector: everything, and render reports it).
+fn selected(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> ListParams {
+    match selector.map(|s| kube::core::Selector::try_from(s.clone())) {
+        Some(Ok(selector)) => ListParams::default().labels_from(&selector),
+        _ => ListParams::default(),
+    }
 }
 
 /// Whether field manager `manager` owns `spec.replicas` of `deployment` through apply.

@@ -288,6 +288,47 @@ pub(super) async fn prune_unwanted_for_tenant(
     ns: &str,
     tenant: &Tenant,
 ) -> Result<(), Error> {
+    let uid = tenant.uid();
+    let owned = |o: &ObjectMeta| {
+        o.owner_references
+            .iter()
+            .flatten()
+            .any(|r| Some(&r.uid) == uid.as_ref())
+    };
+    let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
+    // What the Tenant owns first (two label-filtered metadata lists): the usual Tenant
+    // owns nothing of Kong's, and then the Chatbots of the namespace need not be read.
+    let consumers = KongConsumer::api_resource();
+    let consumer_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &consumers);
+    let owned_consumers: Vec<String> = match consumer_api
+        .list_metadata(&ListParams::default().labels(&managed))
+        .await
+    {
+        Ok(found) => found
+            .items
+            .into_iter()
+            .filter(|o| owned(&o.metadata))
+            .map(|o| o.name_any())
+            .collect(),
+        // No Kong CRDs: nothing of that kind can exist.
+        Err(e) if is_missing_kind(&e) => Vec::new(),
+        Err(e) => return Err(kube_err(format!("listing KongConsumers in {ns}"))(e)),
+    };
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let owned_secrets: Vec<String> = api
+        .list_metadata(
+            &ListParams::default().labels(&format!("{managed},konghq.com/credential=key-auth")),
+        )
+        .await
+        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?
+        .items
+        .into_iter()
+        .filter(|s| owned(&s.metadata))
+        .map(|s| s.name_any())
+        .collect();
+    if owned_consumers.is_empty() && owned_secrets.is_empty() {
+        return Ok(());
+    }
     let wanted = Api::<Chatbot>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
         .await
@@ -302,35 +343,11 @@ pub(super) async fn prune_unwanted_for_tenant(
     if wanted {
         return Ok(());
     }
-    let uid = tenant.uid();
-    let owned = |o: &ObjectMeta| {
-        o.owner_references
-            .iter()
-            .flatten()
-            .any(|r| Some(&r.uid) == uid.as_ref())
-    };
-    let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
-    prune_dynamic(
-        client,
-        ns,
-        &KongConsumer::api_resource(),
-        &managed,
-        &BTreeSet::new(),
-        owned,
-    )
-    .await?;
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let found = api
-        .list_metadata(
-            &ListParams::default().labels(&format!("{managed},konghq.com/credential=key-auth")),
-        )
-        .await
-        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
-    for secret in found.items {
-        if !owned(&secret.metadata) {
-            continue;
-        }
-        let name = secret.name_any();
+    for name in owned_consumers {
+        tracing::info!(object = %format!("KongConsumer {ns}/{name}"), "deleting a KongConsumer no Chatbot wants");
+        delete_ignoring_missing(&consumer_api, &name, format!("KongConsumer {ns}/{name}")).await?;
+    }
+    for name in owned_secrets {
         tracing::info!(object = %format!("Secret {ns}/{name}"), "deleting a Kong credential no Chatbot wants");
         delete_ignoring_missing(&api, &name, format!("Secret {ns}/{name}")).await?;
     }

@@ -134,6 +134,10 @@ pub struct Context {
     pub settings: Settings,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// What the Chatbot controller last read and applied, per Chatbot (`namespace/name`):
+    /// maps watch events to only the Chatbots they concern and skips applies that would
+    /// change nothing.
+    pub(crate) chatbots: Mutex<HashMap<String, chatbot::Memo>>,
 }
 
 impl Context {
@@ -149,6 +153,7 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::new(HashMap::new()),
+            chatbots: Mutex::new(HashMap::new()),
         }
     }
 
@@ -353,7 +358,7 @@ pub fn tenant_secrets(tenant: &Tenant) -> BTreeSet<String> {
 
 /// Whether `selector` (absent = everything) matches `labels`; an invalid selector
 /// matches nothing.
-fn label_selector_matches(
+pub(crate) fn label_selector_matches(
     selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
     labels: &std::collections::BTreeMap<String, String>,
 ) -> bool {

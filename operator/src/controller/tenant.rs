@@ -43,6 +43,7 @@ pub async fn controller(
     let reader = controller.store();
     let store = controller.store();
     let chatbot_store = store.clone();
+    let key_auth_chatbots = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
     let stream = controller
         // Metadata only: a deleted key Secret is recreated, and no value is cached. A
         // Secret change re-checks the Tenants that name it (MissingSecret).
@@ -51,12 +52,29 @@ pub async fn controller(
             watcher::Config::default(),
             move |secret| naming(&store, &secret, tenant_secrets),
         )
-        // A Chatbot change (its deletion included) re-checks the Tenants of its namespace:
-        // Kong consumers and credential copies no Chatbot wants any more are deleted.
+        // A change (its deletion included) of a Chatbot with `kong.keyAuth`, or of one that
+        // had it, re-checks the Tenants of its namespace: Kong consumers and credential
+        // copies no Chatbot wants any more are deleted. Other Chatbots concern no Tenant.
         .watches(
-            scoped_api::<PartialObjectMeta<Chatbot>>(&client, ns),
+            scoped_api::<Chatbot>(&client, ns),
             watcher::Config::default(),
-            move |chatbot| same_namespace(&chatbot_store, &chatbot),
+            move |chatbot| {
+                let key_auth = chatbot.spec.kong.as_ref().and_then(|k| k.key_auth) == Some(true);
+                let had = match key_auth_chatbots.lock() {
+                    Ok(mut seen) if key_auth => {
+                        seen.insert(object_key(&chatbot));
+                        true
+                    }
+                    Ok(mut seen) => seen.remove(&object_key(&chatbot)),
+                    // Poisoned: cannot tell, so re-check.
+                    Err(_) => true,
+                };
+                if key_auth || had {
+                    same_namespace(&chatbot_store, &chatbot)
+                } else {
+                    Vec::new()
+                }
+            },
         )
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
