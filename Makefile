@@ -15,7 +15,7 @@ export PARLEY_MOCK_LLM_BIN ?= $(CURDIR)/target/debug/parley-mock-llm
 -include e2e/controlplane/controlplane.mk
 include mk/images.mk mk/cluster.mk
 
-.PHONY: help build release lint fmt crds docs render demo test test-rust test-python services bench chaos toolchain clean
+.PHONY: help build release lint fmt crds docs render demo test test-rust test-python services bench bench-scale chaos toolchain clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -100,6 +100,9 @@ target/tools/helm:
 
 bench: toolchain ## Gateway vs nginx proxy_pass on this machine; writes BENCHMARKS.md (not in CI)
 	@scripts/bench.sh
+
+bench-scale: toolchain ## The operator with 1,000 Chatbots in the test API server, and render of them offline (not in CI)
+	@scripts/bench_scale.sh $(ARGS)
 
 clean: ## Remove build outputs and the virtualenv
 	$(CARGO) clean
