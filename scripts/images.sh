@@ -267,6 +267,7 @@ cmd_save() {
   shift
   local names=("$@") name docker tags t
   [ "${#names[@]}" -gt 0 ] || names=("${ALL[@]}")
+  for name in "${names[@]}"; do tag_of "$name" >/dev/null; done
   "$REPO/scripts/docker.sh"
   docker=$(docker_cli)
   mkdir -p "$dir"
