@@ -175,10 +175,17 @@ def _redis(port: int, *cmd: str) -> bytes:
         return s.recv(4096)
 
 
-def test_redis_image_serves_on_a_read_only_root_and_stops(images, run):
+def test_redis_image_holds_redis_server_and_exactly_the_libraries_ldd_lists(images):
     files = image_files(images["redis"])
-    assert "usr/bin/redis-server" in files
+    regular = {n for n, m in files.items() if m.isfile()}
+    ldd = subprocess.run(["ldd", "/usr/bin/redis-server"], capture_output=True, text=True, check=True).stdout
+    libs = set(re.findall(r"=> (/\S+)", ldd)) | set(re.findall(r"^\s*(/\S+) \(", ldd, re.M))
+    assert "/lib64/ld-linux-x86-64.so.2" in libs
+    assert regular == {"usr/bin/redis-server", "etc/passwd", "etc/group"} | {lib.lstrip("/") for lib in libs}
     assert not any(n in files for n in ("bin/sh", "usr/bin/sh", "bin/bash"))
+
+
+def test_redis_image_serves_on_a_read_only_root_and_stops(images, run):
     port = free_port()
     # The image's default flags, with the port and address a test on the host network needs.
     c = run(images["redis"], "--save", "", "--appendonly", "no", "--protected-mode", "no",
