@@ -3,9 +3,9 @@
 //!
 //! An [`Accounting`] is made when a request arrives and finished exactly once: with the
 //! answer's status and usage, or, if it is dropped unfinished, as 499 (the client went
-//! away) with no usage. The upstream exchange of an admitted request runs in a spawned
-//! task that owns its `Accounting` (see `api::exchange`), so a client that goes away
-//! cannot cancel the settlement of what the upstream generated.
+//! away) with no usage. The upstream exchange of an admitted request owns its
+//! `Accounting` and outlives its client (`api::outlive_client`: if the client goes away,
+//! the rest of the exchange is spawned), so what the upstream generated is settled.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,8 +1,8 @@
 //! The chat API: one file per endpoint (`completions` for `/v1/chat/completions` and
 //! `/v1/messages`, `chat` for `/chat`, `models` for `/v1/models`), each read top to bottom:
-//! authenticate from the headers, read and check the body, admit, then hand the upstream
-//! exchange to a spawned task (so a client that goes away cannot cancel the call or its
-//! accounting) and shape the answer.
+//! authenticate from the headers, read and check the body, admit, then run the upstream
+//! exchange through [`outlive_client`] (so a client that goes away cannot cancel the call
+//! or its accounting) and shape the answer.
 //!
 //! Handlers return `Result<Response, ApiError>`; [`Ctx::respond`] renders an error in
 //! the API's own shape and records it.
@@ -12,8 +12,10 @@ pub mod completions;
 pub mod models;
 pub mod stream;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -320,19 +322,39 @@ pub fn resolve_model(
     Ok((Arc::clone(model), chain))
 }
 
-/// Runs the upstream exchange `work` in its own task, so that it (and the accounting it
-/// owns) completes even if the client goes away and this handler is dropped. A panic in
-/// it is raised again here, where the server's panic layer answers 500.
+/// Runs the upstream exchange `work` so that it (and the accounting it owns) completes
+/// even if the client goes away: it is polled right here while the client waits (no
+/// extra task, no hand-off between threads on the common path), and if this handler is
+/// dropped before it finished, what is left of it is spawned as a task of its own.
 pub async fn outlive_client<F>(work: F) -> Response
 where
     F: Future<Output = Response> + Send + 'static,
 {
-    match tokio::spawn(work).await {
-        Ok(resp) => resp,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => ApiError::new(ErrorKind::Internal, "the request was cancelled")
-            .into_response_for(ApiFormat::OpenAi),
+    struct Outlive<F: Future<Output = Response> + Send + 'static>(Option<Pin<Box<F>>>);
+    impl<F: Future<Output = Response> + Send + 'static> Drop for Outlive<F> {
+        fn drop(&mut self) {
+            // Never resume a future that panicked (the panic is being answered).
+            if std::thread::panicking() {
+                return;
+            }
+            if let Some(rest) = self.0.take()
+                && let Ok(handle) = tokio::runtime::Handle::try_current()
+            {
+                handle.spawn(async move {
+                    // The client is gone: the answer is dropped, the accounting is done.
+                    drop(rest.await);
+                });
+            }
+        }
     }
+    let mut guard = Outlive(Some(Box::pin(work)));
+    let resp = std::future::poll_fn(|cx| match guard.0.as_mut() {
+        Some(f) => f.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+    .await;
+    guard.0 = None;
+    resp
 }
 
 /// Unknown paths.
