@@ -11,11 +11,12 @@ if [ ! -x /usr/bin/time ]; then
 fi
 make -s target/controlplane/parley-controlplane
 cargo build -q --release -p parley-operator --bin parley-operator
-cargo build -q --release -p parley-e2e --example bench_scale
+# The driver only creates objects and reads the audit log: a debug build will do.
+cargo build -q -p parley-e2e --example bench_scale
 dir=$(mktemp -d /tmp/parley-bench-scale.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -sr), load $(cut -d' ' -f1-3 /proc/loadavg)"
-target/release/examples/bench_scale --write-dir "$dir/objects" "$@"
+target/debug/examples/bench_scale --write-dir "$dir/objects" "$@"
 echo
 echo "render -f of the same objects offline (3 runs): wall seconds, peak RSS KiB"
 for _ in 1 2 3; do
