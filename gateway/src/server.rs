@@ -6,11 +6,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -112,17 +111,15 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
         .layer(CatchPanicLayer::custom(|p| {
             panic_response(p, ApiFormat::OpenAi)
         }))
-        // 7. Load shedding: beyond `max_concurrent_requests()` in flight, a request is
-        //    answered 503 with `Retry-After` at once (counted in
-        //    `parley_load_shed_total`) instead of queueing without bound.
-        .layer(HandleErrorLayer::new(
-            move |uri: Uri, err: tower::BoxError| {
-                let state = Arc::clone(&shed);
-                async move { overloaded(&state, &uri, &err) }
-            },
-        ))
-        .load_shed()
-        .concurrency_limit(max_concurrent_requests())
+        // 7. Concurrency limit with load shedding: beyond `max_concurrent_requests()` in
+        //    the handlers at once, a request is answered 503 with `Retry-After` at once
+        //    (counted in `parley_load_shed_total`) instead of queueing without bound.
+        //    One atomic counter: no semaphore, no queue.
+        .layer(ShedLayer {
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max: max_concurrent_requests(),
+            state: shed,
+        })
         .service(routes);
     Router::new().fallback_service(stack)
 }
@@ -217,22 +214,89 @@ fn panic_response(panic: Box<dyn std::any::Any + Send>, format: ApiFormat) -> Re
     resp
 }
 
-fn overloaded(state: &AppState, uri: &Uri, err: &tower::BoxError) -> Response {
+fn overloaded(state: &AppState, uri: &Uri) -> Response {
     let format = if uri.path() == "/v1/messages" {
         ApiFormat::Anthropic
     } else {
         ApiFormat::OpenAi
     };
-    if err.is::<tower::load_shed::error::Overloaded>() {
-        state.metrics.load_shed.inc();
-        let mut e = ApiError::new(
-            ErrorKind::Unavailable,
-            "the gateway is at its concurrency limit; retry after the time in Retry-After",
-        );
-        e.retry_after = Some(1);
-        return e.into_response_for(format);
+    state.metrics.load_shed.inc();
+    let mut e = ApiError::new(
+        ErrorKind::Unavailable,
+        "the gateway is at its concurrency limit; retry after the time in Retry-After",
+    );
+    e.retry_after = Some(1);
+    e.into_response_for(format)
+}
+
+/// The concurrency limit with load shedding (layer 7 of [`chat_router`]).
+#[derive(Clone)]
+struct ShedLayer {
+    in_flight: Arc<AtomicUsize>,
+    max: usize,
+    state: Arc<AppState>,
+}
+
+impl<S> tower::Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            inner,
+            layer: self.clone(),
+        }
     }
-    ApiError::new(ErrorKind::Internal, "the request could not be served").into_response_for(format)
+}
+
+/// See [`ShedLayer`].
+#[derive(Clone)]
+struct Shed<S> {
+    inner: S,
+    layer: ShedLayer,
+}
+
+/// One request inside the limit; leaving it (answered, or dropped) frees its place.
+struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type ShedFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
+
+impl<S> tower::Service<Request> for Shed<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = ShedFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let l = &self.layer;
+        if l.in_flight.fetch_add(1, Ordering::AcqRel) >= l.max {
+            l.in_flight.fetch_sub(1, Ordering::AcqRel);
+            let resp = overloaded(&l.state, req.uri());
+            return Box::pin(std::future::ready(Ok(resp)));
+        }
+        let permit = Permit(Arc::clone(&l.in_flight));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await;
+            drop(permit);
+            resp
+        })
+    }
 }
 
 /// The admin router: `/healthz`, `/readyz`, `/metrics`, `/admin/usage`.
