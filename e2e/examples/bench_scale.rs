@@ -300,7 +300,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let root = controlplane::repo_root();
     let bin = controlplane::ensure_binary()?;
-    let cp = ControlPlane::start_audited(&bin, &[])?;
+    // The default Service range (a /24) holds fewer Services than a thousand Chatbots.
+    let cp = ControlPlane::start_audited(&bin, &["--service-cidr=10.0.0.0/20"])?;
     let client = cp.client().await?;
     apply_crds(
         &client,

@@ -259,6 +259,16 @@ pub(crate) fn object_key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     )
 }
 
+/// How many reconciles of one kind run at the same time. Unbounded (kube-runtime's
+/// default), a thousand Chatbots created together start a thousand reconciles whose
+/// requests queue behind each other: memory grows with them and every one finishes late.
+pub const RECONCILES_IN_FLIGHT: u16 = 16;
+
+/// The configuration of the three controllers: [`RECONCILES_IN_FLIGHT`].
+pub(crate) fn controller_config() -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(RECONCILES_IN_FLIGHT)
+}
+
 /// How many Secrets one reconcile gets at the same time.
 const SECRET_GETS_IN_FLIGHT: usize = 8;
 

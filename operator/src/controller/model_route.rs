@@ -43,6 +43,7 @@ pub async fn controller(
             watcher::Config::default(),
             move |secret| naming(&store, &secret, route_secrets),
         )
+        .with_config(super::controller_config())
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
     drain(KIND, stream, reader, shutdown).await;

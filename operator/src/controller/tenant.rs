@@ -76,6 +76,7 @@ pub async fn controller(
                 }
             },
         )
+        .with_config(super::controller_config())
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
     drain(KIND, stream, reader, shutdown).await;
