@@ -104,6 +104,10 @@ bench: toolchain ## Gateway vs nginx proxy_pass on this machine; writes BENCHMAR
 bench-scale: toolchain ## The operator with 1,000 Chatbots in the test API server, and render of them offline (not in CI)
 	@scripts/bench_scale.sh $(ARGS)
 
+chaos: toolchain $(VENV)/.installed services $(CONTROLPLANE_BIN) ## Fault drills under load; writes CHAOS.md (not in CI)
+	$(CARGO) build --release -p parley-gateway -p parley-e2e -p parley-operator --bins
+	$(VENV)/bin/python scripts/chaos.py
+
 clean: ## Remove build outputs and the virtualenv
 	$(CARGO) clean
 	rm -rf $(VENV)
