@@ -185,7 +185,13 @@ pub(super) async fn prune(
     // last Chatbot that applied them), so any Chatbot's reconcile removes the consumers
     // and credential copies that no Chatbot of the namespace wants any more.
     let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
-    let shared = tenants_shared_with_others(client, ns, chatbot).await?;
+    // Which Tenants other Chatbots share needs every Chatbot of the namespace: read them
+    // only when a Tenant's Kong object exists that the answer could keep or delete.
+    let shared = if tenant_kong_objects_exist(client, ns, &managed).await? {
+        tenants_shared_with_others(client, ns, chatbot).await?
+    } else {
+        BTreeSet::new()
+    };
     let by_tenant = |o: &ObjectMeta| {
         o.owner_references.iter().flatten().any(|r| {
             r.kind == "Tenant"
@@ -244,6 +250,34 @@ pub(super) async fn prune(
         delete_ignoring_missing(&api, &name, format!("Secret {ns}/{name}")).await?;
     }
     Ok(())
+}
+
+/// Whether any KongConsumer or Kong credential Secret made by the operator exists in `ns`
+/// (two label-filtered metadata lists; no Kong CRDs = no consumers).
+async fn tenant_kong_objects_exist(
+    client: &kube::Client,
+    ns: &str,
+    managed: &str,
+) -> Result<bool, Error> {
+    let params = ListParams::default().labels(managed).limit(1);
+    let consumers: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &KongConsumer::api_resource());
+    match consumers.list_metadata(&params).await {
+        Ok(found) if !found.items.is_empty() => return Ok(true),
+        Ok(_) => {}
+        Err(e) if is_missing_kind(&e) => {}
+        Err(e) => return Err(kube_err(format!("listing KongConsumers in {ns}"))(e)),
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let found = secrets
+        .list_metadata(
+            &ListParams::default()
+                .labels(&format!("{managed},konghq.com/credential=key-auth"))
+                .limit(1),
+        )
+        .await
+        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
+    Ok(!found.items.is_empty())
 }
 
 /// Names of the Tenants that another live Chatbot of `ns` with `kong.keyAuth` selects.
