@@ -37,7 +37,7 @@ pub struct GatewayConfig {
     /// start, not on reload.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// `HOST:PORT` of the admin listener: `/healthz`, `/readyz` and `/metrics` only. Must
+    /// `HOST:PORT` of the admin listener: `/healthz`, `/readyz`, `/metrics` and `/admin/usage`. Must
     /// differ from `listen`. A change takes effect at the next start, not on reload.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
