@@ -99,6 +99,8 @@ class Load:
         self.c = {"sent": 0, "ok": 0, "clear_error": 0, "unclear_error": 0, "hung": 0, "refused": 0, "answered": 0}
         self.statuses: dict[str, int] = {}
         self.examples: list[str] = []
+        self.refusals: dict[str, int] = {}  # by exception: ConnectError = refused, others = closed unanswered
+        self.sigterm_at: float | None = None  # connection errors before it are failures
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(LOAD_THREADS)]
 
     def _count(self, key: str, status=None, example: str | None = None) -> None:
@@ -125,8 +127,12 @@ class Load:
             self._count("hung", example="client timeout")
             return
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
-            # No (complete) answer: the connection was refused or closed.
-            self._count("refused", example=f"{type(e).__name__}: {e}")
+            # No (complete) answer: the connection was refused or closed. Only expected
+            # after SIGTERM; before it, it is a failure without a clear error.
+            with self.lock:
+                kind = type(e).__name__
+                self.refusals[kind] = self.refusals.get(kind, 0) + 1
+            self._count("refused" if self.sigterm_at is not None else "unclear_error", example=f"{type(e).__name__}: {e}")
             return
         if status >= 300:
             self._count("clear_error" if clear_error(data) else "unclear_error", status,
@@ -259,6 +265,7 @@ def gateway_drill(work, pg, name: str, what: str, inject, remove, *, redis=False
         with Load(env.url) as load:
             if sigterm:
                 time.sleep(LOAD_SECONDS / 2)
+                load.sigterm_at = time.monotonic()
                 rc, drain = env.stop_gateway()
                 result["notes"].append(f"SIGTERM under load: exit code {rc} after {drain:.2f} s")
                 time.sleep(1)
@@ -273,11 +280,12 @@ def gateway_drill(work, pg, name: str, what: str, inject, remove, *, redis=False
             result["notes"].append(f"graceful stop: exit code {rc} after {drain:.2f} s")
         if not pg_ready(pg):
             pg.start()
+        result["notes"].append(log_summary(env.gw_log))
         rows = env.rows()
         c = load.c
         result.update(sent=c["sent"], ok=c["ok"], clear=c["clear_error"], unclear=c["unclear_error"], hung=c["hung"],
                       refused=c["refused"], answered=c["answered"], rows=rows, lost=c["answered"] - rows,
-                      statuses=load.statuses, examples=load.examples, exit=rc)
+                      statuses=load.statuses, refusals=load.refusals, examples=load.examples, exit=rc)
         result["pass"] = (c["hung"] == 0 and c["unclear_error"] == 0 and rows >= c["answered"] and rc == 0
                           and (sigterm or c["refused"] == 0) and not any(n.startswith("FAIL") for n in result["notes"]))
     except Exception as e:  # noqa: BLE001 - one broken drill must not hide the others
@@ -291,6 +299,23 @@ def gateway_drill(work, pg, name: str, what: str, inject, remove, *, redis=False
         if ctx_redis := (locals().get("ctx") or {}).get("redis_proc"):
             kill_group(ctx_redis)
     return result
+
+
+def log_summary(path: pathlib.Path) -> str:
+    """The gateway's WARN/ERROR lines: how many, and the distinct messages (first few)."""
+    msgs: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if str(doc.get("level", "")).upper() in ("WARN", "ERROR"):
+            m = str(doc.get("fields", {}).get("message", doc.get("message", "")))[:160]
+            msgs[m] = msgs.get(m, 0) + 1
+    if not msgs:
+        return "gateway logged no WARN/ERROR"
+    top = sorted(msgs.items(), key=lambda kv: -kv[1])[:3]
+    return f"gateway WARN/ERROR lines: {sum(msgs.values())}, e.g. " + " | ".join(f"{n}x `{m}`" for m, n in top)
 
 
 def pg_ready(pg: PrivatePostgres) -> bool:
@@ -353,7 +378,8 @@ def restore_config(ctx):
 # --- the operator drill --------------------------------------------------------------
 
 def operator_drill(work: pathlib.Path) -> dict:
-    result = {"drill": "operator SIGKILLed mid-reconcile", "what": "", "notes": []}
+    result = {"drill": "operator SIGKILLed mid-reconcile", "notes": [],
+              "what": "config/samples applied, operator SIGKILLed mid-reconcile, restarted; sent = resources, succeeded = Ready, hung = not Ready after 90 s"}
     op_bin = RELEASE / "parley-operator"
     cp_bin = REPO / "target" / "controlplane" / "parley-controlplane"
     procs = []
@@ -383,9 +409,17 @@ def operator_drill(work: pathlib.Path) -> dict:
         r = kubectl("apply", "-n", "chaos", "-f", str(REPO / "config" / "samples"))
         if r.returncode:
             raise RuntimeError(f"kubectl apply samples: {r.stderr}")
-        time.sleep(0.5)
+        # SIGKILL as soon as the operator logs that it is reconciling what was just applied.
+        t_apply = time.time()
+        seen = 0
+        while time.time() - t_apply < 10:
+            seen = sum(1 for l in (work / "operator.log").read_text(errors="replace").splitlines() if "chaos" in l)
+            if seen:
+                break
+            time.sleep(0.02)
         kill_group(op)
-        result["notes"].append(f"operator SIGKILLed 0.5 s after the samples were applied (exit {op.returncode})")
+        result["notes"].append(f"operator SIGKILLed {time.time() - t_apply:.2f} s after the samples were applied, "
+                               f"{seen} log line(s) about namespace chaos written before (exit {op.returncode})")
         op2 = subprocess.Popen([str(a) for a in opargs], env=env, stdout=open(work / "operator2.log", "ab"),
                                stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(op2)
@@ -510,6 +544,8 @@ def write_report(results: list[dict]) -> None:
         detail = "; ".join(r.get("notes", []))
         if r.get("statuses"):
             detail += f"; statuses {r['statuses']}"
+        if r.get("refusals"):
+            detail += f"; no answer, by client exception (ConnectError = refused, RemoteProtocolError = closed without an answer) {r['refusals']}"
         if r.get("examples"):
             detail += f"; examples: {r['examples'][:2]}"
         if r.get("error"):
