@@ -101,11 +101,23 @@ class Load:
         self.examples: list[str] = []
         self.refusals: dict[str, int] = {}  # by exception: ConnectError = refused, others = closed unanswered
         self.sigterm_at: float | None = None  # connection errors before it are failures
+        self.inflight: set[int] = set()
+        self.at_sigterm: dict[int, str] = {}  # requests in flight when SIGTERM was sent -> outcome
+        self.seq = 0
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(LOAD_THREADS)]
 
-    def _count(self, key: str, status=None, example: str | None = None) -> None:
+    def mark_sigterm(self) -> None:
+        with self.lock:
+            self.sigterm_at = time.monotonic()
+            self.at_sigterm = {r: "pending" for r in self.inflight}
+
+    def _count(self, key: str, status=None, example: str | None = None, rid: int | None = None) -> None:
         with self.lock:
             self.c[key] += 1
+            if rid is not None:
+                self.inflight.discard(rid)
+                if rid in self.at_sigterm:
+                    self.at_sigterm[rid] = key if status is not None or key == "hung" else f"{key} (no answer)"
             if status is not None:
                 self.c["answered"] += 1
                 self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
@@ -119,12 +131,16 @@ class Load:
             body["stream_options"] = {"include_usage": True}
         with self.lock:
             self.c["sent"] += 1
+            self.seq += 1
+            rid = self.seq
+            self.inflight.add(rid)
+        count = lambda key, status=None, example=None: self._count(key, status, example, rid)
         try:
             with client.stream("POST", self.url, json=body, headers={"authorization": f"Bearer {KEY}"}) as r:
                 data = r.read()
                 status = r.status_code
         except httpx.TimeoutException:
-            self._count("hung", example="client timeout")
+            count("hung", example="client timeout")
             return
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
             # No (complete) answer: the connection was refused or closed. Only expected
@@ -132,25 +148,25 @@ class Load:
             with self.lock:
                 kind = type(e).__name__
                 self.refusals[kind] = self.refusals.get(kind, 0) + 1
-            self._count("refused" if self.sigterm_at is not None else "unclear_error", example=f"{type(e).__name__}: {e}")
+            count("refused" if self.sigterm_at is not None else "unclear_error", example=f"{type(e).__name__}: {e}")
             return
         if status >= 300:
-            self._count("clear_error" if clear_error(data) else "unclear_error", status,
+            count("clear_error" if clear_error(data) else "unclear_error", status,
                         None if clear_error(data) else f"{status}: {data[:200]!r}")
             return
         if not stream:
             ok = b'"choices"' in data
-            self._count("ok" if ok else "unclear_error", status, None if ok else f"200 without choices: {data[:200]!r}")
+            count("ok" if ok else "unclear_error", status, None if ok else f"200 without choices: {data[:200]!r}")
             return
         text = data.decode(errors="replace")
         events = [l[5:].strip() for l in text.splitlines() if l.startswith("data:")]
         errors = [e for e in events if e != "[DONE]" and clear_error(e.encode())]
         if errors:
-            self._count("clear_error", status)
+            count("clear_error", status)
         elif events and events[-1] == "[DONE]":
-            self._count("ok", status)
+            count("ok", status)
         else:
-            self._count("unclear_error", status, f"stream cut without an error event: {text[-200:]!r}")
+            count("unclear_error", status, f"stream cut without an error event: {text[-200:]!r}")
 
     def _run(self, i: int) -> None:
         n = 0
@@ -265,10 +281,16 @@ def gateway_drill(work, pg, name: str, what: str, inject, remove, *, redis=False
         with Load(env.url) as load:
             if sigterm:
                 time.sleep(LOAD_SECONDS / 2)
-                load.sigterm_at = time.monotonic()
+                load.mark_sigterm()
                 rc, drain = env.stop_gateway()
                 result["notes"].append(f"SIGTERM under load: exit code {rc} after {drain:.2f} s")
                 time.sleep(1)
+            with load.lock:
+                outcomes: dict[str, int] = {}
+                for o in load.at_sigterm.values():
+                    outcomes[o] = outcomes.get(o, 0) + 1
+            if sigterm:
+                result["notes"].append(f"{len(load.at_sigterm)} requests in flight when SIGTERM was sent, their outcomes: {outcomes}")
             else:
                 result["notes"] += phases(lambda: inject(ctx), lambda: remove(ctx))
         if redis:
@@ -287,7 +309,8 @@ def gateway_drill(work, pg, name: str, what: str, inject, remove, *, redis=False
                       refused=c["refused"], answered=c["answered"], rows=rows, lost=c["answered"] - rows,
                       statuses=load.statuses, refusals=load.refusals, examples=load.examples, exit=rc)
         result["pass"] = (c["hung"] == 0 and c["unclear_error"] == 0 and rows >= c["answered"] and rc == 0
-                          and (sigterm or c["refused"] == 0) and not any(n.startswith("FAIL") for n in result["notes"]))
+                          and (sigterm or c["refused"] == 0) and c["sent"] == sum(c[k] for k in ("ok", "clear_error", "unclear_error", "hung", "refused"))
+                          and not any(n.startswith("FAIL") for n in result["notes"]))
     except Exception as e:  # noqa: BLE001 - one broken drill must not hide the others
         result.update(pass_=False, error=f"{type(e).__name__}: {e}")
         result["pass"] = False
