@@ -1702,6 +1702,29 @@ async fn settled(metrics: &Metrics, quiet: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Two Chatbots ("red" and "blue") with disjoint Tenants and ModelRoutes, the operator
+/// started on them, both Ready and the operator idle.
+async fn two_teams_at_rest(
+    cluster: &TestCluster,
+    operator_client: Client,
+) -> anyhow::Result<Operator> {
+    let ns = &cluster.namespace;
+    apply(&cluster.client, ns, TEAM_KEYS).await?;
+    apply(
+        &cluster.client,
+        ns,
+        &format!("{}---\n{}", team("red"), team("blue")),
+    )
+    .await?;
+    let operator = Operator::start(operator_client, ns);
+    let chatbots = Api::<Chatbot>::namespaced(cluster.client.clone(), ns);
+    for name in ["red", "blue"] {
+        chatbot_ready(&chatbots, name, "True").await?;
+    }
+    settled(&operator.metrics, Duration::from_secs(2)).await?;
+    Ok(operator)
+}
+
 /// Nothing changes: the operator makes no write at all and runs no reconcile (nothing
 /// it watches changes, and its periodic re-check is far longer than the window), over a
 /// window longer than any of its retries and Kong re-checks.
@@ -1710,20 +1733,7 @@ async fn at_rest_the_operator_writes_nothing_and_reconciles_nothing() -> anyhow:
     /// Longer than the error backoff's first steps and than an echo of a write.
     const AT_REST: Duration = Duration::from_secs(20);
     with_cluster(|cluster, operator_client| async move {
-        let ns = cluster.namespace.clone();
-        apply(&cluster.client, &ns, TEAM_KEYS).await?;
-        apply(
-            &cluster.client,
-            &ns,
-            &format!("{}---\n{}", team("red"), team("blue")),
-        )
-        .await?;
-        let operator = Operator::start(operator_client, &ns);
-        let chatbots = Api::<Chatbot>::namespaced(cluster.client.clone(), &ns);
-        for name in ["red", "blue"] {
-            chatbot_ready(&chatbots, name, "True").await?;
-        }
-        settled(&operator.metrics, Duration::from_secs(2)).await?;
+        let operator = two_teams_at_rest(&cluster, operator_client).await?;
         let before = operator_events(&cluster)?.len();
         let reconciles_before = reconciles(&operator.metrics);
         tokio::time::sleep(AT_REST).await;
@@ -1764,19 +1774,7 @@ async fn at_rest_the_operator_writes_nothing_and_reconciles_nothing() -> anyhow:
 async fn a_model_route_change_rerenders_only_the_chatbots_that_select_it() -> anyhow::Result<()> {
     with_cluster(|cluster, operator_client| async move {
         let ns = cluster.namespace.clone();
-        apply(&cluster.client, &ns, TEAM_KEYS).await?;
-        apply(
-            &cluster.client,
-            &ns,
-            &format!("{}---\n{}", team("red"), team("blue")),
-        )
-        .await?;
-        let operator = Operator::start(operator_client, &ns);
-        let chatbots = Api::<Chatbot>::namespaced(cluster.client.clone(), &ns);
-        for name in ["red", "blue"] {
-            chatbot_ready(&chatbots, name, "True").await?;
-        }
-        settled(&operator.metrics, Duration::from_secs(2)).await?;
+        let operator = two_teams_at_rest(&cluster, operator_client).await?;
         let config_maps = Api::<ConfigMap>::namespaced(cluster.client.clone(), &ns);
         let blue_before = config_maps.get("blue-gateway").await?;
         let red_before = config_maps.get("red-gateway").await?;
