@@ -234,6 +234,12 @@ pub struct BackendConfig {
     /// Timeouts of a call to this backend.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// The backend also serves the OpenAI Responses API at `<baseUrl>/responses`
+    /// (openai provider only): `/v1/responses` requests are passed to it as Responses
+    /// requests. Otherwise (the default) they are translated to chat completions, or to
+    /// Messages for anthropic backends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub responses_api: bool,
 }
 
 /// Timeouts of one upstream call, in milliseconds; each at least 1.
@@ -713,6 +719,11 @@ impl GatewayConfig {
                     problems.push(format!(
                         "models[{i}].backends[{j}].baseUrl: {:?} must start with http:// or https://",
                         backend.base_url
+                    ));
+                }
+                if backend.responses_api && backend.provider != Provider::Openai {
+                    problems.push(format!(
+                        "models[{i}].backends[{j}].responsesApi: only openai backends can speak the Responses API; remove it"
                     ));
                 }
                 let t = backend.timeouts;

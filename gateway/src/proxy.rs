@@ -198,6 +198,20 @@ pub async fn route(
     chain: &[Arc<Model>],
     req: &ClientRequest,
 ) -> Result<(Served, ServedBy), (ApiError, Duration)> {
+    route_with(state, tenant, chain, req, None).await
+}
+
+/// [`route`] for a Responses API request: `req` is its chat completions translation;
+/// a backend that speaks the Responses API (`responsesApi`) is sent `responses` instead,
+/// and what it serves (a response object, or its event stream passed through) is left
+/// in the Responses format.
+pub async fn route_with(
+    state: &AppState,
+    tenant: &Tenant,
+    chain: &[Arc<Model>],
+    req: &ClientRequest,
+    responses: Option<&Map<String, Value>>,
+) -> Result<(Served, ServedBy), (ApiError, Duration)> {
     let start = tokio::time::Instant::now();
     let budget_ms = chain
         .first()
@@ -212,7 +226,7 @@ pub async fn route(
 
     for (mi, model) in chain.iter().enumerate() {
         // The request as this model's providers need it (built lazily, once per provider).
-        let mut bodies: [Option<Result<Prepared, ApiError>>; 2] = [None, None];
+        let mut bodies: [Option<Result<Prepared, ApiError>>; 3] = [None, None, None];
         let mut tried: Vec<usize> = Vec::new();
         let retry = model.config.retry;
         let mut n = 0;
@@ -231,12 +245,16 @@ pub async fn route(
             tried.push(bi);
             n += 1;
             let backend = &model.backends[bi];
-            let slot = match backend.provider {
-                Provider::Openai => 0,
-                Provider::Anthropic => 1,
+            let passthrough = responses.filter(|_| backend.responses_url.is_some());
+            let slot = match (backend.provider, passthrough) {
+                (_, Some(_)) => 2,
+                (Provider::Openai, None) => 0,
+                (Provider::Anthropic, None) => 1,
             };
-            let prepared =
-                bodies[slot].get_or_insert_with(|| prepare(req, backend.provider, model));
+            let prepared = bodies[slot].get_or_insert_with(|| match passthrough {
+                Some(r) => Ok(Prepared::Responses(r.clone())),
+                None => prepare(req, backend.provider, model),
+            });
             let prepared = match prepared {
                 Ok(p) => p,
                 Err(e) => {
@@ -340,6 +358,8 @@ pub async fn route(
 enum Prepared {
     Same,
     Translated(Map<String, Value>),
+    /// A Responses API request for a backend that speaks it.
+    Responses(Map<String, Value>),
 }
 
 /// Feeds an attempt's outcome to the backend's breaker and records it in the metrics.
@@ -415,7 +435,7 @@ async fn attempt(
             max_tokens: (backend.provider == Provider::Anthropic)
                 .then_some(model.config.max_output_tokens),
         }),
-        Prepared::Translated(map) => {
+        Prepared::Translated(map) | Prepared::Responses(map) => {
             map.insert(
                 "model".into(),
                 Value::String(backend.upstream_model.clone()),
@@ -426,7 +446,12 @@ async fn attempt(
     let body = encoded.map_err(|e| {
         AttemptError::Fatal(ApiError::new(ErrorKind::Internal, format!("encoding: {e}")))
     })?;
-    let mut builder = Request::post(backend.url.clone())
+    let passthrough = matches!(prepared, Prepared::Responses(_));
+    let url = match (&backend.responses_url, passthrough) {
+        (Some(u), true) => u.clone(),
+        _ => backend.url.clone(),
+    };
+    let mut builder = Request::post(url)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header("x-request-id", req.request_id.clone());
     let auth = if tenant.upstream_keys.is_empty() {
@@ -567,14 +592,28 @@ async fn attempt(
             Ok(Ok(c)) => c.to_bytes(),
         };
         narrow(wait);
+        if passthrough {
+            let usage = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| translate::responses::usage_of(&v))
+                .ok_or_else(|| {
+                    AttemptError::Retry(Failure::Server {
+                        message: "the upstream answered 2xx with a body that is not a response"
+                            .into(),
+                    })
+                })?;
+            return Ok(Served::Full { body: bytes, usage });
+        }
         return full_response(req.format, backend.provider, bytes, &model.name);
     }
 
     // Streaming: wait for the first complete event before committing to this backend.
+    // A Responses stream is watched by the caller, never changed here: the usage event
+    // must pass (`wants_usage`).
     let mut translator = StreamTranslator::new(
         req.format,
         upstream_kind(backend.provider),
-        req.wants_usage,
+        req.wants_usage || passthrough,
         &model.name,
     );
     let mut parser = SseParser::default();
@@ -614,7 +653,9 @@ async fn attempt(
         }
     }
     if let Some(ev) = first {
-        if translator.is_error_event(&ev) {
+        let responses_error = passthrough
+            && matches!(ev.event.as_deref(), Some("error" | "response.failed"));
+        if responses_error || translator.is_error_event(&ev) {
             return Err(AttemptError::Retry(Failure::Server {
                 message: format!(
                     "stream failed before its first token: {}",

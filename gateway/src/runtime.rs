@@ -58,6 +58,8 @@ pub struct Backend {
     pub provider: Provider,
     /// Full endpoint URL.
     pub url: Uri,
+    /// `<baseUrl>/responses` when the backend speaks the Responses API (`responsesApi`).
+    pub responses_url: Option<Uri>,
     /// Model name sent upstream.
     pub upstream_model: String,
     /// Route key, if any.
@@ -628,10 +630,18 @@ pub fn build(
                 .breaker
                 .get_or_create(&labels)
                 .set(breaker.state().gauge());
+            let responses_url = if b.responses_api {
+                format!("{}/responses", b.base_url.trim_end_matches('/'))
+                    .parse::<Uri>()
+                    .ok()
+            } else {
+                None
+            };
             backends.push(Backend {
                 name: bname,
                 provider: b.provider,
                 url,
+                responses_url,
                 upstream_model: b.upstream_model.clone().unwrap_or_else(|| m.name.clone()),
                 auth,
                 weight: b.weight,

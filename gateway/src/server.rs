@@ -28,7 +28,7 @@ use tower_http::request_id::{
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::api::{self, chat, completions, models};
+use crate::api::{self, chat, completions, models, responses};
 use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::state::AppState;
 
@@ -65,6 +65,16 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/models",
             get(models::models).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/v1/responses",
+            post(responses::create).fallback(api::method_not_allowed),
+        )
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get)
+                .delete(responses::delete)
+                .fallback(api::method_not_allowed),
         )
         .route("/chat", post(chat::chat).fallback(api::method_not_allowed));
     let routes = test_hooks(routes)

@@ -72,6 +72,29 @@ impl moka::Expiry<(String, String), Arc<Session>> for SessionExpiry {
 /// Sessions in this process.
 pub struct MemorySessions {
     inner: moka::sync::Cache<(String, String), Arc<Session>>,
+    /// Stored Responses API responses by `(tenant, id)`: each a JSON record, expiring
+    /// its TTL after it was stored.
+    responses: moka::sync::Cache<(String, String), StoredResponse>,
+}
+
+/// A stored response and its TTL.
+#[derive(Clone, Debug)]
+struct StoredResponse {
+    ttl: Duration,
+    record: bytes::Bytes,
+}
+
+struct ResponseExpiry;
+
+impl moka::Expiry<(String, String), StoredResponse> for ResponseExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(String, String),
+        value: &StoredResponse,
+        _now: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 impl std::fmt::Debug for MemorySessions {
@@ -100,7 +123,33 @@ impl MemorySessions {
                 .max_capacity(max)
                 .expire_after(SessionExpiry)
                 .build(),
+            responses: moka::sync::Cache::builder()
+                .max_capacity(max)
+                .expire_after(ResponseExpiry)
+                .build(),
         }
+    }
+
+    /// Stores a Responses API record for `ttl` (replacing one of the same id).
+    pub fn response_put(&self, tenant: &str, id: &str, record: bytes::Bytes, ttl: Duration) {
+        self.responses.insert(
+            (tenant.to_string(), id.to_string()),
+            StoredResponse { ttl, record },
+        );
+    }
+
+    /// A stored Responses API record of this tenant.
+    pub fn response_get(&self, tenant: &str, id: &str) -> Option<bytes::Bytes> {
+        self.responses
+            .get(&(tenant.to_string(), id.to_string()))
+            .map(|s| s.record)
+    }
+
+    /// Deletes a stored record; `false` if this tenant had none of that id.
+    pub fn response_delete(&self, tenant: &str, id: &str) -> bool {
+        self.responses
+            .remove(&(tenant.to_string(), id.to_string()))
+            .is_some()
     }
 
     /// The stored history (OpenAI-format messages), refreshing its TTL.
@@ -203,5 +252,20 @@ mod tests {
             );
         }
         assert!(small.len() <= 100, "{}", small.len());
+    }
+
+    #[test]
+    fn stored_responses_are_per_tenant_and_expire() {
+        let s = MemorySessions::default();
+        let rec = bytes::Bytes::from_static(b"{}");
+        s.response_put("a", "resp_1", rec.clone(), Duration::from_secs(60));
+        assert_eq!(s.response_get("a", "resp_1"), Some(rec.clone()));
+        assert_eq!(s.response_get("b", "resp_1"), None);
+        assert!(!s.response_delete("b", "resp_1"));
+        assert!(s.response_delete("a", "resp_1"));
+        assert_eq!(s.response_get("a", "resp_1"), None);
+        s.response_put("a", "resp_2", rec, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.response_get("a", "resp_2"), None);
     }
 }

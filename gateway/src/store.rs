@@ -44,6 +44,7 @@ pub enum Store<'a> {
     },
 }
 
+const RESPONSES_DOWN: &str = "the response store (Redis) is unreachable, so stored responses cannot be read or written; retry shortly, or send the request with store: false and no previous_response_id";
 const SESSIONS_DOWN: &str = "the session store (Redis) is unreachable, so the conversation cannot be continued; retry shortly";
 
 /// What an admission reserved; [`Held::settle`] replaces it by what was used.
@@ -178,6 +179,56 @@ impl<'a> Store<'a> {
                 ErrorKind::Unavailable,
                 "the reply could not be stored in the session (Redis is unreachable), so this turn is not part of the conversation; send it again shortly",
             )),
+        }
+    }
+
+    /// Stores a Responses API record for `ttl`.
+    pub async fn response_put(
+        &self,
+        tenant: &str,
+        id: &str,
+        record: bytes::Bytes,
+        ttl: Duration,
+    ) -> Result<(), ApiError> {
+        match self {
+            Self::Memory(state) => {
+                state.sessions.response_put(tenant, id, record, ttl);
+                Ok(())
+            }
+            Self::Redis { redis, .. } if redis.response_put(tenant, id, &record, ttl).await => {
+                Ok(())
+            }
+            Self::Redis { .. } | Self::RedisDown { .. } => {
+                Err(ApiError::new(ErrorKind::Unavailable, RESPONSES_DOWN))
+            }
+        }
+    }
+
+    /// A stored Responses API record of this tenant (`None`: it has none of that id).
+    pub async fn response_get(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<bytes::Bytes>, ApiError> {
+        match self {
+            Self::Memory(state) => Ok(state.sessions.response_get(tenant, id)),
+            Self::Redis { redis, .. } => redis
+                .response_get(tenant, id)
+                .await
+                .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, RESPONSES_DOWN)),
+            Self::RedisDown { .. } => Err(ApiError::new(ErrorKind::Unavailable, RESPONSES_DOWN)),
+        }
+    }
+
+    /// Deletes a stored Responses API record; `false` if this tenant had none of that id.
+    pub async fn response_delete(&self, tenant: &str, id: &str) -> Result<bool, ApiError> {
+        match self {
+            Self::Memory(state) => Ok(state.sessions.response_delete(tenant, id)),
+            Self::Redis { redis, .. } => redis
+                .response_delete(tenant, id)
+                .await
+                .ok_or_else(|| ApiError::new(ErrorKind::Unavailable, RESPONSES_DOWN)),
+            Self::RedisDown { .. } => Err(ApiError::new(ErrorKind::Unavailable, RESPONSES_DOWN)),
         }
     }
 

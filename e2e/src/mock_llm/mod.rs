@@ -4,7 +4,8 @@
 //!
 //! Endpoints:
 //!
-//! * `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic), streaming
+//! * `POST /v1/chat/completions` (OpenAI), `POST /v1/responses` (OpenAI Responses) and
+//!   `POST /v1/messages` (Anthropic), streaming
 //!   or not, with tool calls; `GET /v1/models` (Anthropic's shape when the request has
 //!   an `anthropic-version` header); `GET /healthz`.
 //! * `GET|POST /_mock/config`: read / partially update the [`MockConfig`] knobs (fields
@@ -57,6 +58,7 @@ pub mod cli;
 mod common;
 mod config;
 mod openai;
+mod responses;
 mod sse;
 mod stats;
 pub mod text;
@@ -225,6 +227,7 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/messages", post(messages))
+        .route("/v1/responses", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/_mock/config", get(get_config).post(post_config))
@@ -294,6 +297,9 @@ async fn api_request(
         match &parsed {
             Err(e) => common::bad_request(api, &format!("The request body is not valid JSON: {e}")),
             Ok(v) => match api {
+                Api::OpenAi if path.ends_with("/responses") => {
+                    responses::respond(&profile, &s.stats, seq, v)
+                }
                 Api::OpenAi => openai::respond(&profile, &s.stats, seq, v),
                 Api::Anthropic => anthropic::respond(&profile, &s.stats, seq, v),
             },

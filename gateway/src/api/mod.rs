@@ -10,6 +10,7 @@
 pub mod chat;
 pub mod completions;
 pub mod models;
+pub mod responses;
 pub mod stream;
 
 use std::pin::Pin;

@@ -640,5 +640,7 @@ impl CachedEntry {
     }
 }
 
+mod responses;
+
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,10 @@
 mod props;
 pub mod request;
 pub mod response;
+pub mod responses;
+#[cfg(test)]
+mod responses_props;
+pub mod responses_stream;
 pub mod sse;
 pub mod stream;
 

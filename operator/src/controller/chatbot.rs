@@ -30,7 +30,7 @@ use super::delete_ignoring_missing;
 use super::kong::{self, KongOutcome};
 use super::{
     Context, Error, drain, kube_err, label_selector_matches, measured, object_key,
-    referenced_secrets, retry_later, scoped_api, secret_keys,
+    referenced_secrets, retry_later, scoped_api,
 };
 use crate::render::{self, MANAGER, RenderError, RenderInput, Rendered, Severity};
 
@@ -76,6 +76,9 @@ pub(crate) struct Memo {
     secrets: BTreeSet<String>,
     /// The last successful apply: `None` until one, and again once a child changed.
     applied: Option<Applied>,
+    /// The Chatbot's uid and the `Kind/name`s rendered when its children were last
+    /// pruned: while a render gives the same ones, nothing can have become superfluous.
+    pruned: Option<(Option<String>, BTreeSet<String>)>,
 }
 
 /// One successful apply of a Chatbot's objects.
@@ -261,6 +264,7 @@ pub async fn controller(
                 let Some(ns) = secret.namespace() else {
                     return Vec::new();
                 };
+                secrets_ctx.secret_keys.on_event(secret.meta());
                 let name = secret.name_any();
                 let Ok(memos) = secrets_ctx.chatbots.lock() else {
                     return Vec::new();
@@ -330,7 +334,7 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
         .filter(|t| render::selects_tenant(chatbot, t))
         .map(ResourceExt::name_any)
         .collect();
-    let previous = match ctx.chatbots.lock() {
+    let (previous, previous_pruned) = match ctx.chatbots.lock() {
         Ok(mut memos) => {
             let memo = memos.entry(key.clone()).or_default();
             memo.namespace.clone_from(&ns);
@@ -338,11 +342,11 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
             memo.routes = selected_routes;
             memo.tenants = selected_tenants;
             memo.secrets.clone_from(&names);
-            memo.applied.clone()
+            (memo.applied.clone(), memo.pruned.clone())
         }
-        Err(_) => None,
+        Err(_) => (None, None),
     };
-    let secrets = secret_keys(client, &ns, names).await?;
+    let secrets = ctx.secret_keys(&ns, names).await?;
     let input = RenderInput {
         chatbot,
         model_routes: &model_routes,
@@ -394,10 +398,22 @@ async fn reconcile_inner(chatbot: &Chatbot, ctx: &Context) -> Result<Action, Err
                     return Err(e);
                 }
             };
-            prune(chatbot, ctx, &ns, &rendered, &kong_outcome).await?;
+            // The labelled children are listed (7 lists, and the Kong kinds) only when this
+            // process has not pruned this Chatbot yet or the rendered set changed since:
+            // names are derived from the Chatbot's, so the same set leaves nothing to
+            // delete. Kong's consumers are shared between Chatbots: always pruned.
+            let rendered_names = rendered_names(&rendered);
+            let pruned_same = chatbot.spec.kong.is_none()
+                && previous_pruned
+                    .as_ref()
+                    .is_some_and(|(uid, names)| *uid == chatbot.uid() && *names == rendered_names);
+            if !pruned_same {
+                prune(chatbot, ctx, &ns, &rendered, &kong_outcome).await?;
+            }
             if let Ok(mut memos) = ctx.chatbots.lock()
                 && let Some(memo) = memos.get_mut(&key)
             {
+                memo.pruned = Some((chatbot.uid(), rendered_names));
                 memo.applied = Some(Applied {
                     uid: chatbot.uid(),
                     hash,
@@ -628,7 +644,7 @@ async fn apply_all(
     if let Some(ingress) = &rendered.ingress {
         note(versions, &apply(client, ns, ingress).await?);
     }
-    let kong_outcome = kong::apply(client, ns, chatbot, rendered).await?;
+    let kong_outcome = kong::apply(ctx, ns, chatbot, rendered).await?;
     tracing::debug!(chatbot = %object_key(chatbot), "applied");
     let ready = deployment
         .status
@@ -781,8 +797,39 @@ async fn prune(
         names(rendered.ingress.as_ref()),
     )
     .await?;
-    kong::prune(client, ns, chatbot, rendered, &selector, kong_outcome).await?;
+    kong::prune(ctx, ns, chatbot, rendered, &selector, kong_outcome).await?;
     Ok(())
+}
+
+/// `Kind/name` of every object `rendered` applies.
+fn rendered_names(rendered: &Rendered) -> BTreeSet<String> {
+    fn one<K: Resource<DynamicType = ()>>(names: &mut BTreeSet<String>, object: Option<&K>) {
+        if let Some(object) = object {
+            names.insert(format!("{}/{}", K::kind(&()), object.name_any()));
+        }
+    }
+    let mut names = BTreeSet::new();
+    one(&mut names, Some(&rendered.service_account));
+    one(&mut names, Some(&rendered.config_map));
+    one(&mut names, Some(&rendered.deployment));
+    one(&mut names, Some(&rendered.service));
+    one(&mut names, rendered.autoscaler.as_ref());
+    one(&mut names, rendered.disruption_budget.as_ref());
+    one(&mut names, rendered.ingress.as_ref());
+    let plugins = rendered.kong_plugins.iter().map(|o| &o.metadata.name);
+    let consumers = rendered.kong_consumers.iter().map(|o| &o.metadata.name);
+    names.extend(
+        plugins
+            .chain(consumers)
+            .filter_map(|n| n.as_ref().map(|n| format!("Kong/{n}"))),
+    );
+    names.extend(
+        rendered
+            .kong_credentials
+            .iter()
+            .map(|c| format!("Secret/{}", c.name)),
+    );
+    names
 }
 
 fn names<'a, K: Resource + 'a>(objects: impl IntoIterator<Item = &'a K>) -> BTreeSet<String> {

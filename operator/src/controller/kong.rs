@@ -19,7 +19,7 @@ use parley_crds::{Chatbot, Tenant};
 use serde::Serialize;
 
 use super::delete_ignoring_missing;
-use super::{Error, kube_err};
+use super::{Context, Error, kube_err};
 use crate::render::kong::CREDENTIAL_KEY;
 use crate::render::{KongConsumer, KongPlugin, MANAGER, Rendered, selects_tenant};
 
@@ -64,7 +64,7 @@ async fn apply_dynamic<T: Serialize + std::fmt::Debug>(
 
 /// Applies the KongPlugins, KongConsumers and credential Secrets of `rendered`.
 pub(super) async fn apply(
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     chatbot: &Chatbot,
     rendered: &Rendered,
@@ -72,6 +72,16 @@ pub(super) async fn apply(
     if chatbot.spec.kong.is_none() {
         return Ok(KongOutcome::NotRequested);
     }
+    let outcome = apply_requested(&ctx.client, ns, rendered).await?;
+    ctx.kong_seen(!matches!(outcome, KongOutcome::Unavailable(_)));
+    Ok(outcome)
+}
+
+async fn apply_requested(
+    client: &kube::Client,
+    ns: &str,
+    rendered: &Rendered,
+) -> Result<KongOutcome, Error> {
     let plugins = KongPlugin::api_resource();
     for plugin in &rendered.kong_plugins {
         let name = plugin.metadata.name.clone().unwrap_or_default();
@@ -165,13 +175,14 @@ async fn copy_credentials(
 /// owned by the Chatbot; and consumers and credential Secrets (owned by a Tenant) that
 /// neither this nor another Chatbot of the namespace renders.
 pub(super) async fn prune(
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     chatbot: &Chatbot,
     rendered: &Rendered,
     selector: &str,
     outcome: &KongOutcome,
 ) -> Result<(), Error> {
+    let client = &ctx.client;
     let uid = chatbot.uid();
     let by_chatbot = |o: &ObjectMeta| {
         o.owner_references
@@ -185,9 +196,19 @@ pub(super) async fn prune(
     // last Chatbot that applied them), so any Chatbot's reconcile removes the consumers
     // and credential copies that no Chatbot of the namespace wants any more.
     let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
+    // One label-filtered metadata list of the credential copies serves both to tell
+    // whether any Tenant's Kong object exists and to prune them.
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let credentials = api
+        .list_metadata(
+            &ListParams::default().labels(&format!("{managed},konghq.com/credential=key-auth")),
+        )
+        .await
+        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?
+        .items;
     // Which Tenants other Chatbots share needs every Chatbot of the namespace: read them
     // only when a Tenant's Kong object exists that the answer could keep or delete.
-    let shared = if tenant_kong_objects_exist(client, ns, &managed).await? {
+    let shared = if !credentials.is_empty() || consumers_exist(ctx, ns, &managed).await? {
         tenants_shared_with_others(client, ns, chatbot).await?
     } else {
         BTreeSet::new()
@@ -199,14 +220,15 @@ pub(super) async fn prune(
                 && !shared.contains(&r.name)
         })
     };
-    if !matches!(outcome, KongOutcome::Unavailable(_)) {
+    // Without the Kong CRDs (known from a recent 404) no plugin or consumer can exist.
+    if !matches!(outcome, KongOutcome::Unavailable(_)) && !ctx.kong_known_absent() {
         let keep: BTreeSet<String> = rendered
             .kong_plugins
             .iter()
             .filter_map(|p| p.metadata.name.clone())
             .collect();
         prune_dynamic(
-            client,
+            ctx,
             ns,
             &KongPlugin::api_resource(),
             selector,
@@ -220,7 +242,7 @@ pub(super) async fn prune(
             .filter_map(|c| c.metadata.name.clone())
             .collect();
         prune_dynamic(
-            client,
+            ctx,
             ns,
             &KongConsumer::api_resource(),
             &managed,
@@ -234,14 +256,7 @@ pub(super) async fn prune(
         .iter()
         .map(|c| c.name.clone())
         .collect();
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let found = api
-        .list_metadata(
-            &ListParams::default().labels(&format!("{managed},konghq.com/credential=key-auth")),
-        )
-        .await
-        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
-    for secret in found.items {
+    for secret in credentials {
         let name = secret.name_any();
         if keep.contains(&name) || !by_tenant(&secret.metadata) {
             continue;
@@ -252,32 +267,26 @@ pub(super) async fn prune(
     Ok(())
 }
 
-/// Whether any KongConsumer or Kong credential Secret made by the operator exists in `ns`
-/// (two label-filtered metadata lists; no Kong CRDs = no consumers).
-async fn tenant_kong_objects_exist(
-    client: &kube::Client,
-    ns: &str,
-    managed: &str,
-) -> Result<bool, Error> {
+/// Whether any KongConsumer made by the operator exists in `ns` (a label-filtered
+/// metadata list; no Kong CRDs = no consumers, and no request while that is known).
+async fn consumers_exist(ctx: &Context, ns: &str, managed: &str) -> Result<bool, Error> {
+    if ctx.kong_known_absent() {
+        return Ok(false);
+    }
     let params = ListParams::default().labels(managed).limit(1);
     let consumers: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), ns, &KongConsumer::api_resource());
+        Api::namespaced_with(ctx.client.clone(), ns, &KongConsumer::api_resource());
     match consumers.list_metadata(&params).await {
-        Ok(found) if !found.items.is_empty() => return Ok(true),
-        Ok(_) => {}
-        Err(e) if is_missing_kind(&e) => {}
-        Err(e) => return Err(kube_err(format!("listing KongConsumers in {ns}"))(e)),
+        Ok(found) => {
+            ctx.kong_seen(true);
+            Ok(!found.items.is_empty())
+        }
+        Err(e) if is_missing_kind(&e) => {
+            ctx.kong_seen(false);
+            Ok(false)
+        }
+        Err(e) => Err(kube_err(format!("listing KongConsumers in {ns}"))(e)),
     }
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let found = secrets
-        .list_metadata(
-            &ListParams::default()
-                .labels(&format!("{managed},konghq.com/credential=key-auth"))
-                .limit(1),
-        )
-        .await
-        .map_err(kube_err(format!("listing credential Secrets in {ns}")))?;
-    Ok(!found.items.is_empty())
 }
 
 /// Names of the Tenants that another live Chatbot of `ns` with `kong.keyAuth` selects.
@@ -318,10 +327,11 @@ async fn tenants_shared_with_others(
 /// the tenant's KongConsumer and credential Secrets. A Chatbot's own reconcile prunes them
 /// while it lives; this catches the Chatbot that is gone.
 pub(super) async fn prune_unwanted_for_tenant(
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     tenant: &Tenant,
 ) -> Result<(), Error> {
+    let client = &ctx.client;
     let uid = tenant.uid();
     let owned = |o: &ObjectMeta| {
         o.owner_references
@@ -334,19 +344,29 @@ pub(super) async fn prune_unwanted_for_tenant(
     // owns nothing of Kong's, and then the Chatbots of the namespace need not be read.
     let consumers = KongConsumer::api_resource();
     let consumer_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &consumers);
-    let owned_consumers: Vec<String> = match consumer_api
-        .list_metadata(&ListParams::default().labels(&managed))
-        .await
-    {
-        Ok(found) => found
-            .items
-            .into_iter()
-            .filter(|o| owned(&o.metadata))
-            .map(|o| o.name_any())
-            .collect(),
-        // No Kong CRDs: nothing of that kind can exist.
-        Err(e) if is_missing_kind(&e) => Vec::new(),
-        Err(e) => return Err(kube_err(format!("listing KongConsumers in {ns}"))(e)),
+    let owned_consumers: Vec<String> = if ctx.kong_known_absent() {
+        Vec::new()
+    } else {
+        match consumer_api
+            .list_metadata(&ListParams::default().labels(&managed))
+            .await
+        {
+            Ok(found) => {
+                ctx.kong_seen(true);
+                found
+                    .items
+                    .into_iter()
+                    .filter(|o| owned(&o.metadata))
+                    .map(|o| o.name_any())
+                    .collect()
+            }
+            // No Kong CRDs: nothing of that kind can exist.
+            Err(e) if is_missing_kind(&e) => {
+                ctx.kong_seen(false);
+                Vec::new()
+            }
+            Err(e) => return Err(kube_err(format!("listing KongConsumers in {ns}"))(e)),
+        }
     };
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let owned_secrets: Vec<String> = api
@@ -389,22 +409,28 @@ pub(super) async fn prune_unwanted_for_tenant(
 }
 
 async fn prune_dynamic(
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     resource: &ApiResource,
     selector: &str,
     keep: &BTreeSet<String>,
     ours: impl Fn(&ObjectMeta) -> bool,
 ) -> Result<(), Error> {
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, resource);
     let kind = &resource.kind;
     let found = match api
         .list_metadata(&ListParams::default().labels(selector))
         .await
     {
-        Ok(found) => found,
+        Ok(found) => {
+            ctx.kong_seen(true);
+            found
+        }
         // No Kong CRDs: nothing of that kind can exist.
-        Err(e) if is_missing_kind(&e) => return Ok(()),
+        Err(e) if is_missing_kind(&e) => {
+            ctx.kong_seen(false);
+            return Ok(());
+        }
         Err(e) => return Err(kube_err(format!("listing {kind}s in {ns}"))(e)),
     };
     for object in found.items {

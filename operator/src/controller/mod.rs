@@ -138,6 +138,11 @@ pub struct Context {
     /// maps watch events to only the Chatbots they concern and skips applies that would
     /// change nothing.
     pub(crate) chatbots: Mutex<HashMap<String, chatbot::Memo>>,
+    /// Key names of the Secrets reconciles have read, shared by the three controllers.
+    pub(crate) secret_keys: SecretKeyCache,
+    /// Until when the Kong CRDs are known to be absent (a 404 on a Kong kind): pruning
+    /// does not ask again for kinds that cannot have objects.
+    kong_absent_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl Context {
@@ -154,6 +159,81 @@ impl Context {
             settings,
             failures: Mutex::new(HashMap::new()),
             chatbots: Mutex::new(HashMap::new()),
+            secret_keys: SecretKeyCache::default(),
+            kong_absent_until: Mutex::new(None),
+        }
+    }
+
+    /// Which keys exist in the Secrets `names` of `namespace`, from the shared cache
+    /// where it knows, else by a GET by name (see [`secret_keys`]).
+    pub(crate) async fn secret_keys(
+        &self,
+        namespace: &str,
+        names: impl IntoIterator<Item = String>,
+    ) -> Result<SecretKeys, Error> {
+        let mut known = SecretKeys::new();
+        let mut missing = Vec::new();
+        for name in names {
+            match self.secret_keys.lookup(namespace, &name) {
+                Lookup::Found(Some(keys)) => {
+                    known.insert(name, keys);
+                }
+                Lookup::Found(None) => {}
+                Lookup::Miss(epoch) => missing.push((name, epoch)),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(known);
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let read: Vec<_> = futures::stream::iter(missing)
+            .map(|(name, epoch)| {
+                let api = api.clone();
+                async move {
+                    let secret = api
+                        .get_opt(&name)
+                        .await
+                        .map_err(kube_err(format!("reading Secret {namespace}/{name}")))?;
+                    Ok::<_, Error>((
+                        name,
+                        epoch,
+                        secret.map(|s| {
+                            let rv = s.metadata.resource_version.clone();
+                            (rv, key_names(s))
+                        }),
+                    ))
+                }
+            })
+            .buffer_unordered(SECRET_GETS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (name, epoch, found) in read {
+            let (rv, keys) = match found {
+                Some((rv, keys)) => (rv, Some(keys)),
+                None => (None, None),
+            };
+            self.secret_keys
+                .store(namespace, &name, epoch, rv, keys.clone());
+            if let Some(keys) = keys {
+                known.insert(name, keys);
+            }
+        }
+        Ok(known)
+    }
+
+    /// Whether the Kong CRDs were found absent less than [`KONG_ABSENT_FOR`] ago.
+    pub(crate) fn kong_known_absent(&self) -> bool {
+        self.kong_absent_until
+            .lock()
+            .ok()
+            .and_then(|until| *until)
+            .is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    /// Records what a request on a Kong kind found: absent (a 404) or present.
+    pub(crate) fn kong_seen(&self, present: bool) {
+        if let Ok(mut until) = self.kong_absent_until.lock() {
+            *until = (!present).then(|| std::time::Instant::now() + KONG_ABSENT_FOR);
         }
     }
 
@@ -267,6 +347,92 @@ pub const RECONCILES_IN_FLIGHT: u16 = 16;
 /// The configuration of the three controllers: [`RECONCILES_IN_FLIGHT`].
 pub(crate) fn controller_config() -> kube::runtime::controller::Config {
     kube::runtime::controller::Config::default().concurrency(RECONCILES_IN_FLIGHT)
+}
+
+/// How long a 404 on a Kong kind is believed: pruning skips the Kong kinds for this long.
+/// Applying a Chatbot with `spec.kong` always asks (and a success ends the belief).
+const KONG_ABSENT_FOR: Duration = Duration::from_secs(60);
+
+/// The key names of Secrets that reconciles read (by name), shared by every reconcile,
+/// so that the Secrets many Chatbots name (a Tenant's key, a provider key) are read once,
+/// not once per reconcile. Values are never held. An entry is dropped when the
+/// metadata-only Secret watch reports a change of that Secret (another resourceVersion,
+/// or its deletion); a read that started before such a change is not kept.
+#[derive(Default)]
+pub(crate) struct SecretKeyCache {
+    slots: Mutex<HashMap<(String, String), Slot>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Bumped by each invalidation: a read keeps its answer only when it is unchanged.
+    epoch: u64,
+    /// The resourceVersion read, and the key names (`None`: no such Secret); `None`
+    /// until read, and again after an invalidation.
+    known: Option<(Option<String>, Option<BTreeSet<String>>)>,
+}
+
+/// What the cache knows of one Secret.
+pub(crate) enum Lookup {
+    /// Its key names (`None`: it does not exist).
+    Found(Option<BTreeSet<String>>),
+    /// Unknown: read it, then [`SecretKeyCache::store`] with this epoch.
+    Miss(u64),
+}
+
+impl SecretKeyCache {
+    fn lookup(&self, ns: &str, name: &str) -> Lookup {
+        let Ok(mut slots) = self.slots.lock() else {
+            return Lookup::Miss(u64::MAX);
+        };
+        let slot = slots.entry((ns.to_string(), name.to_string())).or_default();
+        match &slot.known {
+            Some((_, keys)) => Lookup::Found(keys.clone()),
+            None => Lookup::Miss(slot.epoch),
+        }
+    }
+
+    fn store(
+        &self,
+        ns: &str,
+        name: &str,
+        epoch: u64,
+        rv: Option<String>,
+        keys: Option<BTreeSet<String>>,
+    ) {
+        if let Ok(mut slots) = self.slots.lock()
+            && let Some(slot) = slots.get_mut(&(ns.to_string(), name.to_string()))
+            && slot.epoch == epoch
+        {
+            slot.known = Some((rv, keys));
+        }
+    }
+
+    /// A watch event of Secret `ns/name` at `rv`: forget what was read unless it is
+    /// that very version (a deleted Secret's last event carries a newer version).
+    pub(crate) fn changed(&self, ns: &str, name: &str, rv: Option<&str>) {
+        let Ok(mut slots) = self.slots.lock() else {
+            return;
+        };
+        let Some(slot) = slots.get_mut(&(ns.to_string(), name.to_string())) else {
+            return;
+        };
+        let same = matches!(&slot.known, Some((Some(read), Some(_))) if Some(read.as_str()) == rv);
+        if !same {
+            slot.epoch = slot.epoch.wrapping_add(1);
+            slot.known = None;
+        }
+    }
+
+    /// Forgets `ns/name` when `meta` is a Secret event (for the controllers' mappers).
+    pub(crate) fn on_event(
+        &self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) {
+        if let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) {
+            self.changed(ns, name, meta.resource_version.as_deref());
+        }
+    }
 }
 
 /// How many Secrets one reconcile gets at the same time.

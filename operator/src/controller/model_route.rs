@@ -15,7 +15,7 @@ use parley_crds::{ModelRoute, ModelRouteStatus};
 use super::conditions::{self, Desired};
 use super::{
     Context, Error, drain, measured, object_key, patch_status, retry_later, route_secrets,
-    scoped_api, secret_keys,
+    scoped_api,
 };
 use super::{missing_secret_keys, naming};
 use crate::render::SecretKeys;
@@ -36,12 +36,16 @@ pub async fn controller(
     );
     let reader = controller.store();
     let store = controller.store();
+    let secrets_ctx = Arc::clone(&ctx);
     let stream = controller
         // Metadata only: a Secret change re-checks the ModelRoutes that name it.
         .watches(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret| naming(&store, &secret, route_secrets),
+            move |secret| {
+                secrets_ctx.secret_keys.on_event(secret.meta());
+                naming(&store, &secret, route_secrets)
+            },
         )
         .with_config(super::controller_config())
         .graceful_shutdown_on(shutdown.clone())
@@ -64,7 +68,7 @@ async fn reconcile_inner(route: &ModelRoute, ctx: &Context) -> Result<Action, Er
     let Some(ns) = route.namespace() else {
         return Err(Error::Unnamed(object_key(route)));
     };
-    let secrets = secret_keys(&ctx.client, &ns, route_secrets(route)).await?;
+    let secrets = ctx.secret_keys(&ns, route_secrets(route)).await?;
     let current = route.status.clone().unwrap_or_default();
     let status = ModelRouteStatus {
         common: parley_crds::common::CommonStatus {

@@ -22,7 +22,7 @@ use parley_crds::{Chatbot, Tenant, TenantStatus};
 use super::conditions::{self, Desired};
 use super::{
     Context, Error, drain, kube_err, measured, missing_secret_keys, naming, object_key,
-    patch_status, retry_later, same_namespace, scoped_api, secret_keys, tenant_secrets,
+    patch_status, retry_later, same_namespace, scoped_api, tenant_secrets,
 };
 use crate::render::{MANAGER, SecretKeys};
 
@@ -43,6 +43,7 @@ pub async fn controller(
     let reader = controller.store();
     let store = controller.store();
     let chatbot_store = store.clone();
+    let secrets_ctx = Arc::clone(&ctx);
     let key_auth_chatbots = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
     let stream = controller
         // Metadata only: a deleted key Secret is recreated, and no value is cached. A
@@ -50,7 +51,10 @@ pub async fn controller(
         .watches(
             scoped_api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
-            move |secret| naming(&store, &secret, tenant_secrets),
+            move |secret| {
+                secrets_ctx.secret_keys.on_event(secret.meta());
+                naming(&store, &secret, tenant_secrets)
+            },
         )
         // A change (its deletion included) of a Chatbot with `kong.keyAuth`, or of one that
         // had it, re-checks the Tenants of its namespace: Kong consumers and credential
@@ -104,13 +108,13 @@ async fn reconcile_inner(tenant: &Tenant, ctx: &Context) -> Result<Action, Error
     } else {
         None
     };
-    super::kong::prune_unwanted_for_tenant(&ctx.client, &ns, tenant).await?;
+    super::kong::prune_unwanted_for_tenant(ctx, &ns, tenant).await?;
     // The generated key Secret was just made sure of; otherwise read the Secrets the
     // Tenant names, by name, for their key names.
     let secrets = if key_secret.is_some() {
         SecretKeys::new()
     } else {
-        secret_keys(&ctx.client, &ns, tenant_secrets(tenant)).await?
+        ctx.secret_keys(&ns, tenant_secrets(tenant)).await?
     };
     let desired = readiness(tenant, &secrets, key_secret.is_some());
     let current = tenant.status.clone().unwrap_or_default();

@@ -265,32 +265,43 @@ fn selector_matches(
     }
 }
 
+/// A selector parsed once (absent: `None`, which matches everything).
+fn parsed_selector(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Result<Option<Selector>, String> {
+    selector
+        .map(|s| Selector::try_from(s.clone()).map_err(|e| e.to_string()))
+        .transpose()
+}
+
 fn same_namespace<K: kube::Resource>(a: &K, chatbot: &Chatbot) -> bool {
     a.meta().namespace == chatbot.metadata.namespace
 }
 
 fn select_routes<'a>(input: &RenderInput<'a>, problems: &mut Vec<Problem>) -> Vec<&'a ModelRoute> {
     let chatbot = input.chatbot;
-    let selector = chatbot.spec.model_selector.as_ref();
-    let mut selected = Vec::new();
-    for route in input
+    // The selector is parsed once per render, not once per ModelRoute or Tenant.
+    let mut candidates = input
         .model_routes
         .iter()
         .filter(|r| same_namespace(*r, chatbot))
-    {
-        match selector_matches(selector, route.labels()) {
-            Ok(true) => selected.push(route),
-            Ok(false) => {}
-            Err(e) => {
-                problems.push(Problem::error(
-                    chatbot_ref(chatbot),
-                    "spec.modelSelector",
-                    e,
-                ));
-                return Vec::new();
-            }
+        .peekable();
+    // An invalid selector is reported when there is something to select from.
+    let selector = match parsed_selector(chatbot.spec.model_selector.as_ref()) {
+        Ok(selector) => selector,
+        Err(e) if candidates.peek().is_some() => {
+            problems.push(Problem::error(
+                chatbot_ref(chatbot),
+                "spec.modelSelector",
+                e,
+            ));
+            return Vec::new();
         }
-    }
+        Err(_) => Some(Selector::default()),
+    };
+    let mut selected: Vec<&ModelRoute> = candidates
+        .filter(|r| selector.as_ref().is_none_or(|s| s.matches(r.labels())))
+        .collect();
     selected.sort_by(|a, b| {
         a.model_name()
             .cmp(b.model_name())
@@ -308,22 +319,26 @@ fn select_routes<'a>(input: &RenderInput<'a>, problems: &mut Vec<Problem>) -> Ve
 
 fn select_tenants<'a>(input: &RenderInput<'a>, problems: &mut Vec<Problem>) -> Vec<&'a Tenant> {
     let chatbot = input.chatbot;
-    let selector = chatbot.spec.tenant_selector.as_ref();
-    let mut selected = Vec::new();
-    for tenant in input.tenants.iter().filter(|t| same_namespace(*t, chatbot)) {
-        match selector_matches(selector, tenant.labels()) {
-            Ok(true) => selected.push(tenant),
-            Ok(false) => {}
-            Err(e) => {
-                problems.push(Problem::error(
-                    chatbot_ref(chatbot),
-                    "spec.tenantSelector",
-                    e,
-                ));
-                return Vec::new();
-            }
+    let mut candidates = input
+        .tenants
+        .iter()
+        .filter(|t| same_namespace(*t, chatbot))
+        .peekable();
+    let selector = match parsed_selector(chatbot.spec.tenant_selector.as_ref()) {
+        Ok(selector) => selector,
+        Err(e) if candidates.peek().is_some() => {
+            problems.push(Problem::error(
+                chatbot_ref(chatbot),
+                "spec.tenantSelector",
+                e,
+            ));
+            return Vec::new();
         }
-    }
+        Err(_) => Some(Selector::default()),
+    };
+    let mut selected: Vec<&Tenant> = candidates
+        .filter(|t| selector.as_ref().is_none_or(|s| s.matches(t.labels())))
+        .collect();
     selected.sort_by_key(|t| t.name_any());
     if selected.is_empty() && !problems.iter().any(|p| p.field == "spec.tenantSelector") {
         problems.push(Problem::warning(
