@@ -653,8 +653,8 @@ async fn attempt(
         }
     }
     if let Some(ev) = first {
-        let responses_error = passthrough
-            && matches!(ev.event.as_deref(), Some("error" | "response.failed"));
+        let responses_error =
+            passthrough && matches!(ev.event.as_deref(), Some("error" | "response.failed"));
         if responses_error || translator.is_error_event(&ev) {
             return Err(AttemptError::Retry(Failure::Server {
                 message: format!(

@@ -657,11 +657,10 @@ fn stream_response(s: StreamStart, mode: Mode, saver: Saver, acct: Accounting) -
             let first = std::mem::take(&mut s.first);
             mode.feed(&first, &mut out);
         }
-        loop {
-            let Some((s, mode, saver, _)) = guard.inner.as_mut() else {
-                break;
-            };
-            let more = mode.over() || advance(s, mode, &mut out).await;
+        while let Some((s, mode, saver, _)) = guard.inner.as_mut() {
+            if !mode.over() {
+                advance(s, mode, &mut out).await;
+            }
             if mode.finished() && !out.is_empty() {
                 // Stored before the client sees the end, so it can continue at once.
                 saver.save(mode).await;
@@ -669,7 +668,7 @@ fn stream_response(s: StreamStart, mode: Mode, saver: Saver, acct: Accounting) -
             if !out.is_empty() {
                 yield Ok::<Bytes, std::convert::Infallible>(out.split().freeze());
             }
-            if mode.over() || !more {
+            if mode.over() {
                 break;
             }
         }
