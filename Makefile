@@ -15,7 +15,7 @@ export PARLEY_MOCK_LLM_BIN ?= $(CURDIR)/target/debug/parley-mock-llm
 -include e2e/controlplane/controlplane.mk
 include mk/images.mk mk/cluster.mk
 
-.PHONY: help build release lint fmt crds docs render demo test test-rust test-python services bench bench-scale chaos toolchain clean
+.PHONY: help build release lint fmt crds docs render demo test test-rust test-python services bench bench-scale bench-streams chaos toolchain clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -101,8 +101,11 @@ target/tools/helm:
 bench: toolchain ## Gateway vs nginx proxy_pass on this machine; writes BENCHMARKS.md (not in CI)
 	@scripts/bench.sh
 
-bench-scale: toolchain ## The operator with 1,000 Chatbots in the test API server, and render of them offline (not in CI)
+bench-scale: toolchain bench-streams ## bench-streams, then the operator with 1,000 Chatbots in the test API server and render of them offline (not in CI)
 	@scripts/bench_scale.sh $(ARGS)
+
+bench-streams: toolchain ## 10,000 concurrent streams and a 10,000-tenant config through the gateway; writes BENCHMARKS.md (not in CI)
+	@scripts/bench_streams.sh $(STREAMS_ARGS)
 
 chaos: toolchain $(VENV)/.installed services $(CONTROLPLANE_BIN) ## Fault drills under load; writes CHAOS.md (not in CI)
 	$(CARGO) build --release -p parley-gateway -p parley-e2e -p parley-operator --bins

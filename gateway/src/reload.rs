@@ -104,12 +104,18 @@ pub fn failure_digest(problems: &[String]) -> String {
 
 /// Reloads now: returns whether a new config was swapped in.
 pub fn reload_once(state: &AppState, last_failure: &mut Option<String>) -> bool {
+    swap_in(state, last_failure).is_some()
+}
+
+/// Reloads now: the replaced runtime if a new config was swapped in.
+fn swap_in(state: &AppState, last_failure: &mut Option<String>) -> Option<Arc<Runtime>> {
+    let started = std::time::Instant::now();
     match load(&state.config_path, &state.shared) {
         Ok(rt) => {
             *last_failure = None;
             let current = state.runtime.load();
             if rt.hash == current.hash {
-                return false;
+                return None;
             }
             if rt.config.listen != current.config.listen
                 || rt.config.admin_listen != current.config.admin_listen
@@ -118,13 +124,20 @@ pub fn reload_once(state: &AppState, last_failure: &mut Option<String>) -> bool 
                     "listen/adminListen changed; the new addresses take effect after a restart"
                 );
             }
-            tracing::info!(hash = %rt.hash, models = rt.models.len(), tenants = rt.tenants.len(), "config reloaded");
+            tracing::info!(
+                hash = %rt.hash,
+                models = rt.models.len(),
+                tenants = rt.tenants.len(),
+                build_ms = started.elapsed().as_secs_f64() * 1e3,
+                "config reloaded"
+            );
             record_loaded(state, &rt);
-            state.runtime.store(Arc::new(rt));
+            drop(current);
+            let old = state.runtime.swap(Arc::new(rt));
             state
                 .loaded
                 .store(true, std::sync::atomic::Ordering::Release);
-            true
+            Some(old)
         }
         Err(problems) => {
             let joined = problems.join("; ");
@@ -138,7 +151,7 @@ pub fn reload_once(state: &AppState, last_failure: &mut Option<String>) -> bool 
                     .inc();
                 *last_failure = Some(digest);
             }
-            false
+            None
         }
     }
 }
@@ -178,6 +191,10 @@ pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Dura
     };
     rewatch(&mut watcher, &state);
     let mut last_failure = state.last_failure.lock().take();
+    // Replaced runtimes that requests still held at the swap. Freeing a big one (tens of
+    // thousands of keys) takes milliseconds: done here, on a blocking thread, once no
+    // request holds it, rather than by whichever request lets go of it last.
+    let mut retired: Vec<Arc<Runtime>> = Vec::new();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -192,14 +209,19 @@ pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Dura
         }
         let st = Arc::clone(&state);
         let lf = last_failure.take();
+        let mut old = std::mem::take(&mut retired);
         let result = tokio::task::spawn_blocking(move || {
             let mut lf = lf;
-            let changed = reload_once(&st, &mut lf);
-            (changed, lf)
+            let replaced = swap_in(&st, &mut lf);
+            let changed = replaced.is_some();
+            old.extend(replaced);
+            old.retain(|rt| Arc::strong_count(rt) > 1);
+            (changed, lf, old)
         })
         .await;
-        if let Ok((changed, lf)) = result {
+        if let Ok((changed, lf, old)) = result {
             last_failure = lf;
+            retired = old;
             if changed {
                 rewatch(&mut watcher, &state);
             }
