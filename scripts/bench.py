@@ -229,6 +229,135 @@ tenants:
     kept = next((existing[i:] for i, l in enumerate(existing) if l.startswith("## ")), [])
     path.write_text("\n".join(lines + ([""] + kept if kept else [])) + "\n")
     print("\n".join(lines))
+    redis_store(work, mock_port)
+    return 0
+
+
+REDIS_SECTION = "## Redis store"
+REDIS_ROUNDS = int(os.environ.get("PARLEY_BENCH_REDIS_ROUNDS", "3"))
+
+
+def redis_info(port) -> dict:
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "all"], capture_output=True, text=True,
+                         timeout=10).stdout
+    return dict(l.split(":", 1) for l in out.splitlines() if ":" in l and not l.startswith("#"))
+
+
+def proc_cpu_secs(pid) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_store(work: pathlib.Path, mock_port: int) -> None:
+    """`## Redis store`: the same gateway config with the in-process store and with a
+    private Redis (one redis-server on a free port, no persistence), measured in the same
+    run, alternating rounds; writes that section of BENCHMARKS.md."""
+    load = os.getloadavg()
+    redis_port = free_port()
+    start(["redis-server", "--port", redis_port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", work], work / "redis.log")
+    deadline = time.time() + 10
+    while subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True,
+                         text=True).stdout.strip() != "PONG":
+        if time.time() > deadline:
+            raise SystemExit("redis-server did not start")
+        time.sleep(0.1)
+    gateways = {}
+    for name, extra in [("in-process", ""), ("redis", f"redis: {{url: {{value: \"redis://127.0.0.1:{redis_port}\"}}}}\n")]:
+        port, admin = free_port(), free_port()
+        cfg = work / f"gateway-{name}.yaml"
+        cfg.write_text(f"""
+apiVersion: parley.dev/gateway/v1
+chatbot: bench/redis
+listen: 127.0.0.1:{port}
+adminListen: 127.0.0.1:{admin}
+defaultModel: gpt-4o
+models:
+- name: gpt-4o
+  backends:
+  - {{name: mock, provider: openai, baseUrl: "http://127.0.0.1:{mock_port}/v1", apiKey: {{value: sk-upstream}}}}
+  pricing: {{inputPerMillionTokens: "2.50", outputPerMillionTokens: "10.00"}}
+tenants:
+- id: bench/tenant
+  apiKeys: [{{value: {KEY}}}]
+  rateLimit: {{requestsPerMinute: 100000000, tokensPerMinute: 100000000000}}
+  budget: {{monthlyUsd: "100000000.00"}}
+{extra}""")
+        proc = start([RELEASE / "parley-gateway", "--config", cfg, "--log-format", "json"], work / f"gateway-{name}.log")
+        wait_http(f"http://127.0.0.1:{admin}/readyz")
+        gateways[name] = (proc, port)
+    rps = {name: [] for name in gateways}
+    cpu = {name: 0.0 for name in gateways}
+    served = {name: 0 for name in gateways}
+    non2xx = {name: 0 for name in gateways}
+    before = redis_info(redis_port)
+    for rnd in range(REDIS_ROUNDS):
+        for name, (proc, port) in gateways.items():
+            print(f"redis store: round {rnd + 1}, {name} ...", flush=True)
+            c0 = proc_cpu_secs(proc.pid)
+            r = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", work)
+            cpu[name] += proc_cpu_secs(proc.pid) - c0
+            rps[name].append(r["rps"])
+            served[name] += int(r["rps"] * DURATION)
+            non2xx[name] += r["non2xx"]
+            time.sleep(1)
+    after = redis_info(redis_port)
+    redis_cpu = (float(after["used_cpu_user"]) + float(after["used_cpu_sys"])
+                 - float(before["used_cpu_user"]) - float(before["used_cpu_sys"]))
+    commands = int(after["total_commands_processed"]) - int(before["total_commands_processed"])
+    calls = {k.removeprefix("cmdstat_"): v for k, v in after.items() if k.startswith("cmdstat_")}
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    ratio = med(rps["redis"]) / med(rps["in-process"]) * 100
+    n = max(served["redis"], 1)
+    cmd_lines = []
+    for cmd in ("evalsha", "eval", "script|load", "script"):
+        if cmd in calls:
+            stats = dict(kv.split("=", 1) for kv in calls[cmd].split(","))
+            cmd_lines.append(f"`{cmd.upper()}` {int(stats['calls'])} calls, {float(stats['usec_per_call']):.1f} µs each")
+    lines = [
+        REDIS_SECTION,
+        "",
+        "Measured by `make bench` (`scripts/bench.py`, `redis_store`): the gateway config of the table",
+        "above (rate limits, tokens per minute and budget on) served twice in the same run, once with the",
+        "in-process store and once with `redis.url` on a private `redis-server` (loopback, no",
+        f"persistence), each through `wrk -t1 -c{CONNECTIONS} -d{DURATION}s`, alternating, {REDIS_ROUNDS} rounds.",
+        "",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load average at the start "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)",
+        "",
+        "| store | req/s per round | median req/s | non-2xx | gateway CPU per request |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name in gateways:
+        per_req = cpu[name] / max(served[name], 1) * 1e6
+        lines.append(f"| {name} | {' / '.join(f'{x:.0f}' for x in rps[name])} | {med(rps[name]):.0f} | "
+                     f"{non2xx[name]} | {per_req:.1f} µs |")
+    lines += [
+        "",
+        f"- Redis store throughput = **{ratio:.0f} % of the in-process store** (bar: 85 %)",
+        f"- Redis: {redis_cpu / n * 1e6:.1f} µs of redis-server CPU and {commands / n:.2f} commands per request; "
+        + "; ".join(cmd_lines),
+    ]
+    path = REPO / "BENCHMARKS.md"
+    existing = path.read_text().splitlines() if path.exists() else []
+    start_i = next((i for i, l in enumerate(existing) if l.strip() == REDIS_SECTION), None)
+    if start_i is None:
+        out = existing + ([""] if existing else []) + lines
+    else:
+        end_i = next((i for i in range(start_i + 1, len(existing)) if existing[i].startswith("## ")), len(existing))
+        out = existing[:start_i] + lines + ([""] + existing[end_i:] if end_i < len(existing) else [])
+    path.write_text("\n".join(out) + "\n")
+    print("\n".join(lines))
+
+
+def redis_only() -> int:
+    """`scripts/bench.py --redis`: only the `## Redis store` section."""
+    work = pathlib.Path(tempfile.mkdtemp(prefix="parley-bench-"))
+    mock_port = free_port()
+    start([RELEASE / "parley-mock-llm", "--listen", f"127.0.0.1:{mock_port}", "--reply-tokens", "16"],
+          work / "mock.log")
+    wait_http(f"http://127.0.0.1:{mock_port}/healthz")
+    redis_store(work, mock_port)
     return 0
 
 
@@ -245,6 +374,6 @@ def stop_all():
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(redis_only() if sys.argv[1:] == ["--redis"] else main())
     finally:
         stop_all()

@@ -61,16 +61,13 @@ pub enum Held {
 
 impl Held {
     /// Replaces the reservation by real usage: in process at once (one tenant's lock),
-    /// in Redis in a spawned task (off the request path; nothing can cancel it).
+    /// in Redis through the client's settle batcher (off the request path; nothing can
+    /// cancel it).
     pub fn settle(self, state: &AppState, tokens: u64, cost_micros: i64) {
         match self {
             Self::Nothing => {}
             Self::Memory(r) => state.limiter.settle_now(r, tokens, cost_micros),
-            Self::Redis(redis, r) => {
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { redis.settle(r, tokens, cost_micros).await });
-                }
-            }
+            Self::Redis(redis, r) => redis.settle_later(r, tokens, cost_micros),
         }
     }
 }

@@ -1,4 +1,4 @@
--- parley:v1 admit
+-- parley:v1 admit (a batch of decisions, each in turn)
 local t = redis.call('TIME')
 local secs = tonumber(t[1])
 local now = secs * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,22 +29,18 @@ local ny, nm = y, m + 1
 if nm > 12 then ny, nm = y + 1, 1 end
 local month_left = days_from_civil(ny, nm) * 86400 - secs
 local member = ARGV[1]
-local n = tonumber(ARGV[2])
-local function arg(i, j) return ARGV[2 + (i - 1) * 5 + j] end
-for i = 1, n do
-  local kind, key = arg(i, 1), KEYS[i]
-  local limit, width, slots, amount = tonumber(arg(i, 2)), tonumber(arg(i, 3)), tonumber(arg(i, 4)), tonumber(arg(i, 5))
+local nreq = tonumber(ARGV[2])
+-- Per key (index into KEYS): its state read once per batch, and what admitted requests
+-- of this batch add to it (written once at the end).
+local state = {}
+local function load(ki, kind, width, slots)
+  local st = state[ki]
+  if st then return st end
+  local key = KEYS[ki]
+  st = {kind = kind, width = width, slots = slots, add = 0, members = {}}
   if kind == 'L' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now - width)
-    local count = redis.call('ZCARD', key)
-    if count + amount > limit then
-      local retry = width
-      if limit > 0 and amount <= limit then
-        local e = redis.call('ZRANGE', key, count - limit + amount - 1, count - limit + amount - 1, 'WITHSCORES')
-        if e[2] then retry = tonumber(e[2]) + width - now end
-      end
-      return {0, i, retry, 0}
-    end
+    st.count = redis.call('ZCARD', key)
   elseif kind == 'S' then
     -- Fields: one per sub-window index, plus 's' (their sum) and 'lo' (no index below it
     -- is present). Usually only the sub-windows that just left are read and removed.
@@ -72,49 +68,126 @@ for i = 1, n do
       end
       redis.call('HSET', key, 's', sum, 'lo', first)
     end
-    if sum + amount > limit then
-      local retry = width * slots
-      if amount <= limit then
-        local live = {}
-        local h = redis.call('HGETALL', key)
-        for j = 1, #h, 2 do
-          local idx = tonumber(h[j])
-          if idx then live[#live + 1] = {idx, tonumber(h[j + 1])} end
-        end
-        table.sort(live, function(a, b) return a[1] < b[1] end)
-        local freed = 0
-        for _, s in ipairs(live) do
-          freed = freed + s[2]
-          if sum - freed + amount <= limit then
-            retry = (s[1] + slots) * width - now
-            break
+    st.sum = sum
+  else
+    st.spent = tonumber(redis.call('GET', key .. ':' .. month) or '0')
+  end
+  state[ki] = st
+  return st
+end
+-- The first check of `r` that refuses it: {0, check, retry_ms, spent}, or nil.
+local function refuse(p, n)
+  for i = 1, n do
+    local a = p + (i - 1) * 6
+    local ki, kind = tonumber(ARGV[a]), ARGV[a + 1]
+    local limit, width, slots, amount = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+    local st = load(ki, kind, width, slots)
+    if kind == 'L' then
+      local count = st.count + #st.members
+      if count + amount > limit then
+        local retry = width
+        if limit > 0 and amount <= limit then
+          -- The entry whose leaving lets this request in; entries of this batch are at now.
+          local at = count - limit + amount - 1
+          if at < st.count then
+            local e = redis.call('ZRANGE', KEYS[ki], at, at, 'WITHSCORES')
+            if e[2] then retry = tonumber(e[2]) + width - now end
           end
         end
+        return {0, i, retry, 0}
       end
-      return {0, i, retry, 0}
+    elseif kind == 'S' then
+      local sum = st.sum + st.add
+      if sum + amount > limit then
+        local retry = width * slots
+        if amount <= limit then
+          local live = {}
+          local cur = floor(now / width)
+          local h = redis.call('HGETALL', KEYS[ki])
+          for j = 1, #h, 2 do
+            local idx = tonumber(h[j])
+            if idx then
+              local v = tonumber(h[j + 1])
+              if idx == cur then v = v + st.add end
+              live[#live + 1] = {idx, v}
+            end
+          end
+          if st.add > 0 and redis.call('HEXISTS', KEYS[ki], cur) == 0 then live[#live + 1] = {cur, st.add} end
+          table.sort(live, function(x, y) return x[1] < y[1] end)
+          local freed = 0
+          for _, s in ipairs(live) do
+            freed = freed + s[2]
+            if sum - freed + amount <= limit then
+              retry = (s[1] + slots) * width - now
+              break
+            end
+          end
+        end
+        return {0, i, retry, 0}
+      end
+    else
+      local spent = st.spent + st.add
+      if spent >= limit or spent + amount > limit then
+        return {0, i, month_left * 1000, spent}
+      end
     end
-  elseif kind == 'B' then
-    local spent = tonumber(redis.call('GET', key .. ':' .. month) or '0')
-    if spent >= limit or spent + amount > limit then
-      return {0, i, month_left * 1000, spent}
+  end
+  return nil
+end
+local out = {now, month}
+local p = 3
+for r = 1, nreq do
+  local n = tonumber(ARGV[p])
+  p = p + 1
+  local no = refuse(p, n)
+  if no then
+    for _, v in ipairs(no) do out[#out + 1] = v end
+  else
+    for i = 1, n do
+      local a = p + (i - 1) * 6
+      local st = state[tonumber(ARGV[a])]
+      if st.kind == 'L' then
+        st.members[#st.members + 1] = member .. ':' .. r
+      else
+        st.add = st.add + tonumber(ARGV[a + 5])
+      end
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = 0
+  end
+  p = p + n * 6
+end
+for ki, st in pairs(state) do
+  local key = KEYS[ki]
+  if st.kind == 'L' then
+    if #st.members > 0 then
+      -- ZADD in chunks: Lua's unpack has a stack limit.
+      for c = 1, #st.members, 500 do
+        local args = {}
+        for j = c, math.min(c + 499, #st.members) do
+          args[#args + 1] = now
+          args[#args + 1] = st.members[j]
+        end
+        redis.call('ZADD', key, unpack(args))
+      end
+      redis.call('PEXPIRE', key, st.width + 1000)
+    end
+  elseif st.kind == 'S' then
+    if st.add > 0 then
+      local idx = floor(now / st.width)
+      redis.call('HINCRBY', key, idx, st.add)
+      redis.call('HINCRBY', key, 's', st.add)
+      redis.call('HSETNX', key, 'lo', idx - st.slots + 1)
+      redis.call('PEXPIRE', key, st.width * st.slots + 1000)
+    end
+  else
+    if st.add > 0 then
+      local k = key .. ':' .. month
+      redis.call('INCRBY', k, st.add)
+      redis.call('EXPIRE', k, month_left + 40 * 86400)
     end
   end
 end
-for i = 1, n do
-  local kind, key = arg(i, 1), KEYS[i]
-  local width, slots = tonumber(arg(i, 3)), tonumber(arg(i, 4))
-  if kind == 'L' then
-    redis.call('ZADD', key, now, member)
-    redis.call('PEXPIRE', key, width + 1000)
-  elseif kind == 'S' then
-    redis.call('HINCRBY', key, floor(now / width), arg(i, 5))
-    redis.call('HINCRBY', key, 's', arg(i, 5))
-    redis.call('HSETNX', key, 'lo', floor(now / width) - slots + 1)
-    redis.call('PEXPIRE', key, width * slots + 1000)
-  elseif kind == 'B' then
-    local k = key .. ':' .. month
-    redis.call('INCRBY', k, arg(i, 5))
-    redis.call('EXPIRE', k, month_left + 40 * 86400)
-  end
-end
-return {1, now, month}
+return out

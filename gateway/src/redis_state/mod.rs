@@ -17,6 +17,11 @@
 //! the layout; the braces keep one decision's keys in one cluster slot; the Chatbot
 //! `namespace/name` keeps two Chatbots that share a Redis and a Tenant apart). Every command is bounded
 //! by a short timeout; the connection is multiplexed and reconnects by itself.
+//!
+//! Redis Cluster: a `redis+cluster://` (or `rediss+cluster://`) URL names one or more seed
+//! nodes (`redis+cluster://:pw@host1:6379,host2:6379`); the client learns the slot map
+//! from them, sends each script to the master of its keys' slot, follows MOVED/ASK and
+//! refreshes the map when a master fails over.
 
 use std::sync::Arc;
 use std::sync::LazyLock;
@@ -25,8 +30,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parley_crds::gateway_config::FailureMode;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script};
 use serde_json::Value;
 
 use crate::limits::{LimitRequest, Refusal, RefusalKind};
@@ -61,9 +68,67 @@ static ADMIT: LazyLock<Script> = LazyLock::new(|| Script::new(ADMIT_LUA));
 static SETTLE: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE_LUA));
 static SESSION_APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(SESSION_APPEND_LUA));
 
+/// One multiplexed connection to a single Redis, or to a Redis Cluster (connected on first
+/// use: building the client does no network I/O).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<LazyCluster>),
+}
+
+struct LazyCluster {
+    client: ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    /// The connection, connecting first if needed. A failed (or cancelled) first connect
+    /// leaves the cell empty, so the next command tries again.
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(lazy) => Box::pin(async move {
+                let mut c = lazy.get().await?;
+                c.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(lazy) => Box::pin(async move {
+                let mut c = lazy.get().await?;
+                c.req_packed_commands(pipeline, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(_) => 0,
+        }
+    }
+}
+
 /// A Redis connection for shared state.
 pub struct Redis {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     /// `namespace/name` of the Chatbot: in every key's hash tag.
     chatbot: String,
@@ -73,7 +138,56 @@ pub struct Redis {
     minute_ms: u64,
     metrics: Arc<Metrics>,
     last_warning: AtomicU64,
+    /// Feeds the admission batcher (started on the first admission, see [`admit_batcher`]).
+    admits: std::sync::OnceLock<tokio::sync::mpsc::Sender<AdmitJob>>,
+    /// Feeds the settle batcher (started on the first settle, see [`Redis::settle_later`]).
+    settles: std::sync::OnceLock<tokio::sync::mpsc::Sender<Settle>>,
 }
+
+/// A settle waiting for the batcher.
+struct Settle {
+    r: RedisReservation,
+    tokens: u64,
+    cost_micros: i64,
+}
+
+/// One admission's checks, as the batch script takes them.
+struct CheckArgs {
+    key: String,
+    kind: &'static str,
+    limit: u64,
+    width_ms: u64,
+    slots: u64,
+    amount: u64,
+}
+
+/// An admission waiting for the batcher.
+struct AdmitJob {
+    /// Its keys' hash tag (the tenant; the Chatbot is the same for every job of a client):
+    /// one script call per group, so in a cluster each goes to its slot's master.
+    group: String,
+    checks: Vec<CheckArgs>,
+    reply: tokio::sync::oneshot::Sender<Result<Decided, String>>,
+}
+
+/// The script's answer for one admission: `reply` is `[1, 0, 0, 0]` (admitted) or
+/// `[0, check, retry_ms, spent]`; `now` and `month` are Redis's.
+struct Decided {
+    now: i64,
+    month: i64,
+    reply: [i64; 4],
+}
+
+/// Most admissions one batch takes off the queue.
+const ADMIT_BATCH: usize = 512;
+/// Admissions waiting beyond this many are refused as if Redis were down.
+const ADMIT_QUEUE: usize = 16_384;
+
+/// Most settles one batch takes off the queue.
+const SETTLE_BATCH: usize = 1024;
+/// Settles waiting beyond this many (Redis slow or down) are dropped and counted as
+/// errors: settling only corrects a reservation, and memory must stay bounded.
+const SETTLE_QUEUE: usize = 65_536;
 
 impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,14 +233,59 @@ fn ceil_secs_ms(ms: i64) -> u64 {
     (ms.max(1) as u64).div_ceil(1000).max(1)
 }
 
+/// Where a `redis.url` points.
+enum Target {
+    /// One Redis (`redis://`, `rediss://`).
+    Single(Box<redis::Client>),
+    /// A Redis Cluster: the seed nodes as plain `redis://` / `rediss://` URLs.
+    Cluster(Vec<String>),
+}
+
+const URL_SCHEMES: &str =
+    "redis.url must start with redis://, rediss://, redis+cluster:// or rediss+cluster://";
+
+/// Parses a `redis.url` (never echoing it: it may hold a password).
+fn parse_url(url: &str) -> Result<Target, String> {
+    let invalid = |e: RedisError| format!("redis.url is not a valid Redis URL ({})", e.kind_name());
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return redis::Client::open(url)
+            .map(|c| Target::Single(Box::new(c)))
+            .map_err(invalid);
+    }
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Err(URL_SCHEMES.into());
+    };
+    // `[user:password@]host:port[,host:port...][/0]`: credentials apply to every node.
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (Some(auth), hosts),
+        None => (None, rest),
+    };
+    let (hosts, db) = hosts.split_once('/').unwrap_or((hosts, ""));
+    if !(db.is_empty() || db == "0") {
+        return Err("redis.url: a Redis Cluster has only database 0 (drop the /<db> of the redis+cluster:// URL)".into());
+    }
+    let mut nodes = Vec::new();
+    for host in hosts.split(',').map(str::trim) {
+        if host.is_empty() {
+            return Err("redis.url: a redis+cluster:// URL needs at least one host:port, and no empty entries between commas".into());
+        }
+        let node = match auth {
+            Some(auth) => format!("{scheme}://{auth}@{host}"),
+            None => format!("{scheme}://{host}"),
+        };
+        redis::Client::open(node.as_str()).map_err(invalid)?;
+        nodes.push(node);
+    }
+    Ok(Target::Cluster(nodes))
+}
+
 /// Whether a URL is one this gateway accepts for Redis (never echo the URL itself).
 pub fn check_url(url: &str) -> Result<(), String> {
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err("redis.url must start with redis:// or rediss://".into());
-    }
-    redis::Client::open(url)
-        .map(|_| ())
-        .map_err(|e| format!("redis.url is not a valid Redis URL ({})", e.kind_name()))
+    parse_url(url).map(|_| ())
 }
 
 trait KindName {
@@ -146,17 +305,55 @@ impl Redis {
         chatbot: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
-        check_url(url)?;
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("redis.url is not a valid Redis URL ({})", e.kind_name()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(50));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("redis: cannot set up the connection ({})", e.kind_name()))?;
+        let conn = match parse_url(url)? {
+            Target::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(50));
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(*client, config).map_err(|e| {
+                        format!("redis: cannot set up the connection ({})", e.kind_name())
+                    })?,
+                )
+            }
+            Target::Cluster(nodes) => {
+                // Every call is bounded by COMMAND_TIMEOUT around it (a request gets a
+                // clear answer, never a hang); inside it the client may reconnect and
+                // follow MOVED/ASK while a master fails over.
+                let client = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(Duration::from_secs(1))
+                    .overall_response_timeout(None)
+                    .retries(3)
+                    .min_retry_wait(5)
+                    .max_retry_wait(30)
+                    .build()
+                    .map_err(|e| {
+                        format!(
+                            "redis.url is not a valid Redis Cluster URL ({})",
+                            e.kind_name()
+                        )
+                    })?;
+                Conn::Cluster(Arc::new(LazyCluster {
+                    client,
+                    conn: tokio::sync::OnceCell::new(),
+                }))
+            }
+        };
+        // Connect and load the scripts now rather than on the first requests (a cluster
+        // connects to every master; a failover's new master loads them on NOSCRIPT).
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let mut c = conn.clone();
+            handle.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    ADMIT.load_async(&mut c).await?;
+                    SETTLE.load_async(&mut c).await
+                })
+                .await;
+            });
+        }
         Ok(Self {
             conn,
             prefix: prefix.to_string(),
@@ -165,6 +362,8 @@ impl Redis {
             minute_ms: 60_000,
             metrics,
             last_warning: AtomicU64::new(0),
+            admits: std::sync::OnceLock::new(),
+            settles: std::sync::OnceLock::new(),
         })
     }
 
@@ -355,21 +554,7 @@ impl Redis {
             self.decision("admitted");
             return Ok(None);
         }
-        let mut inv = ADMIT.prepare_invoke();
-        inv.arg(format!("{:016x}", fastrand::u64(..)))
-            .arg(checks.len());
-        for c in &checks {
-            inv.key(&c.key)
-                .arg(c.kind)
-                .arg(c.limit)
-                .arg(c.width_ms)
-                .arg(c.slots)
-                .arg(c.amount);
-        }
-        let mut conn = self.conn.clone();
-        let result: Option<Vec<i64>> = self
-            .run("admit", inv.invoke_async::<Vec<i64>>(&mut conn))
-            .await;
+        let result = self.decide(req.tenant, &checks).await;
         let Some(r) = result else {
             return match mode {
                 FailureMode::Open => {
@@ -388,8 +573,12 @@ impl Redis {
                 }
             };
         };
-        match r.as_slice() {
-            [1, now, month] => {
+        match r {
+            Decided {
+                now,
+                month,
+                reply: [1, ..],
+            } => {
                 self.decision("admitted");
                 let token_width = self.minute_ms / 60;
                 Ok(Some(RedisReservation {
@@ -399,27 +588,30 @@ impl Redis {
                         .map(|c| c.key.clone())
                         .collect(),
                     budget_key: checks.iter().find(|c| c.kind == "B").map(|c| c.key.clone()),
-                    slot: (*now).max(0) as u64 / token_width.max(1),
-                    admitted_ms: (*now).max(0) as u64,
-                    month: *month,
+                    slot: now.max(0) as u64 / token_width.max(1),
+                    admitted_ms: now.max(0) as u64,
+                    month,
                     tokens: req.tokens,
                     cost_micros: req.cost_micros,
                 }))
             }
-            [0, idx, retry_ms, spent] => {
+            Decided {
+                reply: [0, idx, retry_ms, spent],
+                ..
+            } => {
                 self.decision("refused");
-                let c = usize::try_from(*idx - 1).ok().and_then(|i| checks.get(i));
+                let c = usize::try_from(idx - 1).ok().and_then(|i| checks.get(i));
                 let Some(c) = c else {
                     return Err(refusal("a limit".into(), 1, 0, "requests"));
                 };
-                let secs = ceil_secs_ms(*retry_ms);
+                let secs = ceil_secs_ms(retry_ms);
                 if c.kind == "B" {
                     return Err(Refusal {
                         kind: RefusalKind::Budget,
                         message: format!(
                             "monthly budget of {} USD is spent ({} USD used or reserved); it resets at the start of next month (UTC)",
                             parley_crds::money::format_usd_micros(c.limit as i64),
-                            parley_crds::money::format_usd_micros(*spent)
+                            parley_crds::money::format_usd_micros(spent)
                         ),
                         retry_after: secs,
                         limit: 0,
@@ -438,6 +630,58 @@ impl Redis {
         }
     }
 
+    /// Hands the decision to the admission batcher and waits for it. `None`: Redis failed
+    /// or did not answer in time (counted as an error).
+    async fn decide(&self, tenant: &str, checks: &[Check]) -> Option<Decided> {
+        let tx = self.admits.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(ADMIT_QUEUE);
+            // It ends when this client is dropped (the channel closes).
+            tokio::spawn(admit_batcher(self.conn.clone(), rx));
+            tx
+        });
+        let mut args = Vec::with_capacity(checks.len());
+        for c in checks {
+            args.push(CheckArgs {
+                key: c.key.clone(),
+                kind: c.kind,
+                limit: c.limit,
+                width_ms: c.width_ms,
+                slots: c.slots,
+                amount: c.amount,
+            });
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = AdmitJob {
+            group: tenant.to_string(),
+            checks: args,
+            reply,
+        };
+        if tx.try_send(job).is_err() {
+            self.error("admit", "admission queue full");
+            return None;
+        }
+        // The batch itself is bounded by COMMAND_TIMEOUT; waiting for the batch ahead of
+        // it can add at most as much again.
+        match tokio::time::timeout(2 * COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(Ok(d))) => {
+                self.up(true);
+                Some(d)
+            }
+            Ok(Ok(Err(e))) => {
+                self.error("admit", &e);
+                None
+            }
+            Ok(Err(_)) => {
+                self.error("admit", "admission batcher stopped");
+                None
+            }
+            Err(_) => {
+                self.error("admit", "timeout");
+                None
+            }
+        }
+    }
+
     fn decision(&self, result: &'static str) {
         self.metrics
             .limit_decisions
@@ -448,13 +692,18 @@ impl Redis {
             .inc();
     }
 
-    /// Replaces a reservation by what was really used.
+    /// Replaces a reservation by what was really used, now.
     pub async fn settle(&self, r: RedisReservation, tokens: u64, cost_micros: i64) {
         let dt = i128::from(tokens) - i128::from(r.tokens);
         let dc = cost_micros.saturating_sub(r.cost_micros);
-        if (dt == 0 || r.token_keys.is_empty()) && (dc == 0 || r.budget_key.is_none()) {
+        if settles_nothing(&r, dt, dc) {
             return;
         }
+        self.settle_sum(&r, dt, dc).await;
+    }
+
+    /// One settle script call for the sum of settles of the same keys and slot.
+    async fn settle_sum(&self, r: &RedisReservation, dt: i128, dc: i64) {
         let mut inv = SETTLE.prepare_invoke();
         for k in &r.token_keys {
             inv.key(k);
@@ -469,6 +718,40 @@ impl Redis {
             .arg(dc);
         let mut conn = self.conn.clone();
         let _ = self.run("settle", inv.invoke_async::<i64>(&mut conn)).await;
+    }
+
+    /// Settles off the request path through one batcher task per client: whatever is
+    /// queued when it wakes is summed per (keys, slot, month) and sent as one script call
+    /// per sum, all of them pipelined on the connection. Settles only correct token and
+    /// budget reservations (never request counts), and adding deltas commutes, so summing
+    /// them changes no decision; under load it turns one script call per request into
+    /// one per tenant and second.
+    pub fn settle_later(self: &Arc<Self>, r: RedisReservation, tokens: u64, cost_micros: i64) {
+        let dt = i128::from(tokens) - i128::from(r.tokens);
+        let dc = cost_micros.saturating_sub(r.cost_micros);
+        if settles_nothing(&r, dt, dc) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let tx = self.settles.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(SETTLE_QUEUE);
+            // A weak reference: the task ends when the client is dropped (a reload
+            // replaced it), as the channel then closes.
+            handle.spawn(settle_batcher(Arc::downgrade(self), rx));
+            tx
+        });
+        if tx
+            .try_send(Settle {
+                r,
+                tokens,
+                cost_micros,
+            })
+            .is_err()
+        {
+            self.error("settle", "settle queue full");
+        }
     }
 
     /// Micro-USD used and reserved this month by a tenant (`None` if Redis fails).
@@ -588,6 +871,125 @@ impl RedisReservation {
     /// When it was admitted, in Redis's clock (ms since the epoch).
     pub fn admitted_at_ms(&self) -> u64 {
         self.admitted_ms
+    }
+}
+
+/// Decides admissions in batches: whatever is queued when it wakes (up to
+/// [`ADMIT_BATCH`]) becomes one [`ADMIT_LUA`] call per tenant, all of them pipelined on the
+/// multiplexed connection, while the next admissions queue up. Each script call is atomic
+/// and decides its admissions one after the other, exactly as one call each would, but
+/// reads each key once and writes it once, so Redis works per batch, not per request.
+async fn admit_batcher(conn: Conn, mut rx: tokio::sync::mpsc::Receiver<AdmitJob>) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, ADMIT_BATCH).await > 0 {
+        // Requests that gave up (timed out) are not decided: nobody would be served.
+        batch.retain(|j| !j.reply.is_closed());
+        let mut groups: Vec<Vec<AdmitJob>> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for job in batch.drain(..) {
+            match index.get(&job.group) {
+                Some(&g) => groups[g].push(job),
+                None => {
+                    index.insert(job.group.clone(), groups.len());
+                    groups.push(vec![job]);
+                }
+            }
+        }
+        futures_util::future::join_all(groups.into_iter().map(|g| admit_group(conn.clone(), g)))
+            .await;
+    }
+}
+
+/// One script call deciding `jobs` (all of one tenant) in order; answers each.
+async fn admit_group(mut conn: Conn, jobs: Vec<AdmitJob>) {
+    let mut inv = ADMIT.prepare_invoke();
+    inv.arg(format!("{:016x}", fastrand::u64(..)))
+        .arg(jobs.len());
+    let mut keys: Vec<&str> = Vec::new();
+    for job in &jobs {
+        inv.arg(job.checks.len());
+        for c in &job.checks {
+            let ki = match keys.iter().position(|k| *k == c.key) {
+                Some(i) => i,
+                None => {
+                    keys.push(&c.key);
+                    inv.key(&c.key);
+                    keys.len() - 1
+                }
+            };
+            inv.arg(ki + 1)
+                .arg(c.kind)
+                .arg(c.limit)
+                .arg(c.width_ms)
+                .arg(c.slots)
+                .arg(c.amount);
+        }
+    }
+    let result = match tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        inv.invoke_async::<Vec<i64>>(&mut conn),
+    )
+    .await
+    {
+        Ok(Ok(v)) if v.len() == 2 + 4 * jobs.len() => Ok(v),
+        Ok(Ok(_)) => Err("unexpected script reply".to_string()),
+        Ok(Err(e)) => Err(e.kind_name()),
+        Err(_) => Err("timeout".to_string()),
+    };
+    for (i, job) in jobs.into_iter().enumerate() {
+        let answer = match &result {
+            Ok(v) => {
+                let at = 2 + 4 * i;
+                Ok(Decided {
+                    now: v[0],
+                    month: v[1],
+                    reply: [v[at], v[at + 1], v[at + 2], v[at + 3]],
+                })
+            }
+            Err(e) => Err(e.clone()),
+        };
+        let _ = job.reply.send(answer);
+    }
+}
+
+fn settles_nothing(r: &RedisReservation, dt: i128, dc: i64) -> bool {
+    (dt == 0 || r.token_keys.is_empty()) && (dc == 0 || r.budget_key.is_none())
+}
+
+async fn settle_batcher(
+    redis: std::sync::Weak<Redis>,
+    mut rx: tokio::sync::mpsc::Receiver<Settle>,
+) {
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
+        let Some(redis) = redis.upgrade() else {
+            return;
+        };
+        // Sum per (keys, slot, month): a linear scan, as a batch has few distinct sums
+        // (one per tenant and model and second).
+        let mut sums: Vec<(RedisReservation, i128, i64)> = Vec::new();
+        for s in batch.drain(..) {
+            let dt = i128::from(s.tokens) - i128::from(s.r.tokens);
+            let dc = s.cost_micros.saturating_sub(s.r.cost_micros);
+            match sums.iter_mut().find(|(r, _, _)| {
+                r.slot == s.r.slot
+                    && r.month == s.r.month
+                    && r.token_keys == s.r.token_keys
+                    && r.budget_key == s.r.budget_key
+            }) {
+                Some((_, t, c)) => {
+                    *t += dt;
+                    *c = c.saturating_add(dc);
+                }
+                None => sums.push((s.r, dt, dc)),
+            }
+        }
+        futures_util::future::join_all(
+            sums.iter()
+                .filter(|(r, dt, dc)| !settles_nothing(r, *dt, *dc))
+                .map(|(r, dt, dc)| redis.settle_sum(r, *dt, *dc)),
+        )
+        .await;
     }
 }
 

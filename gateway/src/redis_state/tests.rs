@@ -1,7 +1,7 @@
 //! Against a real Redis: 127.0.0.1:6379 (`scripts/services.sh` starts it) or
 //! `PARLEY_TEST_REDIS_URL`. Every test uses its own key prefix.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use super::*;
 use crate::sessions::trim;
@@ -410,4 +410,63 @@ async fn cache_entries_round_trip_and_expire() {
     assert_eq!(r.cache_get("ns/b", &k).await, None);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(r.cache_get("ns/a", &k).await, None);
+}
+
+#[test]
+fn cluster_urls_name_seed_nodes_and_never_echo_the_password() {
+    let Ok(Target::Cluster(nodes)) = parse_url("redis+cluster://:pw-s3cret@a:7000, b:7001/0")
+    else {
+        panic!("a cluster URL");
+    };
+    assert_eq!(
+        nodes,
+        ["redis://:pw-s3cret@a:7000", "redis://:pw-s3cret@b:7001"]
+    );
+    let Ok(Target::Cluster(nodes)) = parse_url("rediss+cluster://u:p@a:7000") else {
+        panic!("a TLS cluster URL");
+    };
+    assert_eq!(nodes, ["rediss://u:p@a:7000"]);
+    assert!(matches!(
+        parse_url("redis://a:6379/2"),
+        Ok(Target::Single(_))
+    ));
+    for bad in [
+        "http://:pw-s3cret@a:1",
+        "redis+cluster://:pw-s3cret@a:1/3",
+        "redis+cluster://:pw-s3cret@a:1,,b:2",
+        "redis+cluster://:pw-s3cret@",
+    ] {
+        let e = parse_url(bad).err().unwrap();
+        assert!(e.starts_with("redis.url"), "{e}");
+        assert!(!e.contains("pw-s3cret"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn one_batch_decides_its_admissions_in_order() {
+    // Many admissions at once on one client: they share script calls, and exactly the
+    // limit is admitted, for tokens as for requests.
+    let r = Arc::new(redis().await);
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(30),
+        tokens_per_minute: Some(1_000),
+        ..Default::default()
+    };
+    let tasks: Vec<_> = (0..120)
+        .map(|i| {
+            let r = Arc::clone(&r);
+            tokio::spawn(async move {
+                // Half of them reserve 40 tokens: 1 000 tokens are 25 of those.
+                let tokens = if i % 2 == 0 { 40 } else { 1 };
+                r.admit(&req(&rl, tokens), FailureMode::Closed)
+                    .await
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 30);
 }
