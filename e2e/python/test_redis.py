@@ -114,6 +114,21 @@ def test_two_gateways_share_one_tenant_limit(start_mock, start_gateway, shared_r
     assert shared_redis not in a.proc.stderr()
 
 
+def test_three_gateways_admit_exactly_the_limit_of_300_concurrent_requests(start_mock, start_gateway, shared_redis):
+    # Admissions that arrive together share script calls (one per tenant and batch);
+    # each decision stays exact: 50 a minute across three replicas is 50.
+    from test_redis_cluster import burst
+    from conftest import OTHER_KEY
+    mock = start_mock("m")
+    doc, _ = tenant_doc(mock, shared_redis)
+    doc["tenants"][1]["id"] = f"{doc['tenants'][0]['id']}-limited"
+    doc["tenants"][1]["rateLimit"] = {"requestsPerMinute": 50}
+    gateways = [start_gateway(doc) for _ in range(3)]
+    codes = burst(gateways, 300, OTHER_KEY)
+    assert codes.count(200) == 50 and codes.count(429) == 250, {c: codes.count(c) for c in set(codes)}
+    assert mock.requests() == 50
+
+
 def test_chat_session_started_on_one_gateway_continues_on_the_other(start_mock, start_gateway, shared_redis):
     mock = start_mock("m")
     doc, _ = tenant_doc(mock, shared_redis, systemPrompt="You are a test bot.")
@@ -217,7 +232,7 @@ def test_check_validates_the_redis_url_without_connecting_or_echoing_it(binaries
                      redis={"url": {"value": "http://:pw-s3cret@127.0.0.1:1"}})
     cfg.write_text(json.dumps(doc))
     r = subprocess.run([GATEWAY_BIN, "check", "--config", str(cfg)], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 1 and "redis.url must start with redis:// or rediss://" in r.stderr, r.stderr
+    assert r.returncode == 1 and "redis.url must start with redis://, rediss://, redis+cluster:// or rediss+cluster://" in r.stderr, r.stderr
     assert "pw-s3cret" not in r.stderr + r.stdout
     # A valid URL of a server that is not there: valid (check does not connect).
     doc["redis"] = {"url": {"value": f"rediss://:pw-s3cret@127.0.0.1:{free_port()}/0"}}
