@@ -420,7 +420,9 @@ pub struct UpstreamKeyConfig {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL, credentials included (never logged). While its file
+    /// `redis://` or `rediss://` URL of one Redis, or `redis+cluster://host:port,host:port`
+    /// (`rediss+cluster://` with TLS) naming seed nodes of a Redis Cluster; credentials
+    /// included (never logged). While its file
     /// does not exist, the gateway behaves as with Redis unreachable
     /// (`rateLimitFailureMode`, `/chat` 503, no cache).
     pub url: SecretSource,
