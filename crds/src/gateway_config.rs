@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::chatbot::FailureMode;
-pub use crate::model_route::Provider;
+pub use crate::model_route::{ModelKind, Provider};
 use crate::money::{InvalidUsd, parse_usd_micros};
 
 /// The only `apiVersion` this build reads and writes.
@@ -179,6 +179,12 @@ pub struct ModelConfig {
     /// The name clients send as `model`; unique in the config.
     #[schemars(length(min = 1))]
     pub name: String,
+    /// `chat` (served on `/v1/chat/completions`, `/v1/messages`, `/v1/responses`, `/chat`)
+    /// or `embeddings` (served on `/v1/embeddings`; openai backends only; priced per input
+    /// token). An endpoint refuses a model of the other kind with 400; fallbacks must be
+    /// of the same kind, and `defaultModel` must be a chat model.
+    #[serde(default)]
+    pub kind: ModelKind,
     /// Upstream backends, chosen by weight among those whose circuit breaker is closed.
     #[schemars(length(min = 1))]
     pub backends: Vec<BackendConfig>,
@@ -217,7 +223,8 @@ pub struct BackendConfig {
     /// `anthropic` (the Messages API).
     pub provider: Provider,
     /// Base URL including the version segment, e.g. `https://api.openai.com/v1`; the gateway
-    /// appends `/chat/completions` (openai) or `/messages` (anthropic). Must start with
+    /// appends `/chat/completions` (openai) or `/messages` (anthropic), or
+    /// `/embeddings` for a model of kind embeddings. Must start with
     /// `http://` or `https://`.
     pub base_url: String,
     /// Model name sent upstream [the model's `name`].
@@ -723,6 +730,12 @@ impl GatewayConfig {
                         backend.base_url
                     ));
                 }
+                if model.kind == ModelKind::Embeddings && backend.provider == Provider::Anthropic {
+                    problems.push(format!(
+                        "models[{i}].backends[{j}].provider: model {:?} has kind embeddings, but Anthropic has no embeddings API; use an openai backend or kind chat",
+                        model.name
+                    ));
+                }
                 if backend.responses_api && backend.provider != Provider::Openai {
                     problems.push(format!(
                         "models[{i}].backends[{j}].responsesApi: only openai backends can speak the Responses API; remove it"
@@ -756,10 +769,17 @@ impl GatewayConfig {
         }
         for (i, model) in self.models.iter().enumerate() {
             for (j, fallback) in model.fallbacks.iter().enumerate() {
-                if !names.contains(fallback.as_str()) {
-                    problems.push(format!(
+                match self.model(fallback) {
+                    None => problems.push(format!(
                         "models[{i}].fallbacks[{j}]: {fallback:?} is not a model of this config"
-                    ));
+                    )),
+                    Some(f) if f.kind != model.kind => problems.push(format!(
+                        "models[{i}].fallbacks[{j}]: {fallback:?} is {} model and cannot stand in for {:?}, {} model",
+                        f.kind.with_article(),
+                        model.name,
+                        model.kind.with_article()
+                    )),
+                    Some(_) => {}
                 }
             }
         }
@@ -777,6 +797,14 @@ impl GatewayConfig {
         if !names.contains(self.default_model.as_str()) {
             problems.push(format!(
                 "defaultModel: {:?} is not a model of this config",
+                self.default_model
+            ));
+        } else if self
+            .model(&self.default_model)
+            .is_some_and(|m| m.kind != ModelKind::Chat)
+        {
+            problems.push(format!(
+                "defaultModel: {:?} is an embeddings model; the default serves chat requests that name no model, so pick a chat model",
                 self.default_model
             ));
         }
@@ -1142,6 +1170,43 @@ models:
             secret["file"].is_object() && secret["env"].is_object(),
             "{schema}"
         );
+    }
+
+    #[test]
+    fn model_kind_defaults_to_chat_and_is_checked() {
+        let config = GatewayConfig::from_yaml(MINIMAL).unwrap();
+        assert_eq!(config.models[0].kind, ModelKind::Chat);
+        let text = format!(
+            "{MINIMAL}  fallbacks: [embed]\n- name: embed\n  kind: embeddings\n  fallbacks: [gpt-4o]\n  backends:\n  - {{name: a, provider: anthropic, baseUrl: 'http://127.0.0.1:1/v1'}}\n  - {{name: o, provider: openai, baseUrl: 'http://127.0.0.1:1/v1'}}\n"
+        );
+        let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
+        for needle in [
+            "models[1].backends[0].provider: model \"embed\" has kind embeddings, but Anthropic has no embeddings API",
+            "models[0].fallbacks[0]: \"embed\" is an embeddings model and cannot stand in for \"gpt-4o\", a chat model",
+            "models[1].fallbacks[0]: \"gpt-4o\" is a chat model",
+        ] {
+            assert!(err.contains(needle), "{needle} missing in {err}");
+        }
+        assert!(!err.contains("backends[1]"), "{err}");
+        let text = format!(
+            "{MINIMAL}- name: embed\n  kind: embeddings\n  backends:\n  - {{name: o, provider: openai, baseUrl: 'http://127.0.0.1:1/v1'}}\n"
+        );
+        let config = GatewayConfig::from_yaml(&text).unwrap();
+        assert_eq!(config.model("embed").unwrap().kind, ModelKind::Embeddings);
+        let again = GatewayConfig::from_yaml(&config.to_yaml().unwrap()).unwrap();
+        assert_eq!(config, again);
+        let err =
+            GatewayConfig::from_yaml(&text.replace("defaultModel: gpt-4o", "defaultModel: embed"))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("defaultModel: \"embed\" is an embeddings model"),
+            "{err}"
+        );
+        let err = GatewayConfig::from_yaml(&text.replace("kind: embeddings", "kind: vectors"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vectors"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::common::{CommonStatus, SecretKeyRef};
     )
 )]
 #[x_kube(validation = Rule::new("!has(self.model) || !has(self.fallbacks) || !(self.model in self.fallbacks)").message("spec.fallbacks must not name the route's own model").field_path(".fallbacks"))]
+#[x_kube(validation = Rule::new("!has(self.kind) || self.kind != 'embeddings' || self.backends.all(b, b.provider != 'anthropic')").message("spec.kind embeddings needs openai backends: Anthropic has no embeddings API").field_path(".kind"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelRouteSpec {
     /// The model name clients send (`model` in a request) [`metadata.name`]. Two
@@ -38,6 +39,12 @@ pub struct ModelRouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub model: Option<String>,
+    /// What the model does: `chat` (served on `/v1/chat/completions`, `/v1/messages`,
+    /// `/v1/responses` and `/chat`) or `embeddings` (served on `/v1/embeddings`, priced per
+    /// input token, openai backends only) [`chat`]. Each endpoint refuses a model of the
+    /// other kind with 400, and a route's fallbacks must be of its kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<ModelKind>,
     /// Upstream backends serving this model; traffic is split among them by weight.
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
@@ -82,7 +89,8 @@ pub struct Backend {
     /// The API the backend speaks.
     pub provider: Provider,
     /// Base URL including the version segment, e.g. `https://api.openai.com/v1`; the gateway
-    /// appends `/chat/completions` (openai) or `/messages` (anthropic).
+    /// appends `/chat/completions` (openai) or `/messages` (anthropic), or
+    /// `/embeddings` for a model of kind embeddings.
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub base_url: String,
     /// Model name sent upstream [the route's model].
@@ -113,6 +121,40 @@ pub enum Provider {
     Openai,
     /// The Anthropic Messages API.
     Anthropic,
+}
+
+/// What the model does: `chat` (served on `/v1/chat/completions`, `/v1/messages`,
+/// `/v1/responses` and `/chat`) or `embeddings` (served on `/v1/embeddings`, priced per
+/// input token, openai backends only) [`chat`]. Each endpoint refuses a model of the
+/// other kind with 400, and a route's fallbacks must be of its kind.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A chat model: `/v1/chat/completions`, `/v1/messages`, `/v1/responses`, `/chat`.
+    #[default]
+    Chat,
+    /// An embeddings model: `/v1/embeddings` (openai backends only).
+    Embeddings,
+}
+
+impl ModelKind {
+    /// The name used in configs and in `/v1/models`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    /// "a chat" or "an embeddings", for messages ("... is an embeddings model").
+    pub const fn with_article(self) -> &'static str {
+        match self {
+            Self::Chat => "a chat",
+            Self::Embeddings => "an embeddings",
+        }
+    }
 }
 
 /// Timeouts in milliseconds.

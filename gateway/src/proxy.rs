@@ -9,7 +9,7 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use parley_crds::gateway_config::Provider;
+use parley_crds::gateway_config::{ModelKind, Provider};
 use serde_json::{Map, Value};
 use tokio::time::timeout_at;
 
@@ -603,6 +603,17 @@ async fn attempt(
                     })
                 })?;
             return Ok(Served::Full { body: bytes, usage });
+        }
+        if model.config.kind == ModelKind::Embeddings {
+            return crate::api::embeddings::upstream_usage(&bytes)
+                .map(|usage| Served::Full { body: bytes, usage })
+                .ok_or_else(|| {
+                    AttemptError::Retry(Failure::Server {
+                        message:
+                            "the upstream answered 2xx with a body that is not an embeddings list"
+                                .into(),
+                    })
+                });
         }
         return full_response(req.format, backend.provider, bytes, &model.name);
     }

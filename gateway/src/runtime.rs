@@ -15,7 +15,8 @@ use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use parley_crds::GatewayConfig;
 use parley_crds::gateway_config::{
-    ModelConfig, ModelQuotaConfig, Provider, RateLimitConfig, SecretSource, TimeoutsConfig,
+    ModelConfig, ModelKind, ModelQuotaConfig, Provider, RateLimitConfig, SecretSource,
+    TimeoutsConfig,
 };
 use parley_crds::money::parse_usd_micros;
 use sha2::{Digest, Sha256};
@@ -592,9 +593,10 @@ pub fn build(
         let name: Label = Arc::new(m.name.clone());
         let mut backends = Vec::new();
         for b in &m.backends {
-            let suffix = match b.provider {
-                Provider::Openai => "/chat/completions",
-                Provider::Anthropic => "/messages",
+            let suffix = match (m.kind, b.provider) {
+                (ModelKind::Embeddings, _) => "/embeddings",
+                (ModelKind::Chat, Provider::Openai) => "/chat/completions",
+                (ModelKind::Chat, Provider::Anthropic) => "/messages",
             };
             let url_text = format!("{}{}", b.base_url.trim_end_matches('/'), suffix);
             let url: Uri = match url_text.parse() {
@@ -867,6 +869,22 @@ tenants:
 - {id: ns/acme, apiKeys: [{value: key-a}], allowedModels: [a, c]}
 - {id: ns/other, apiKeys: [{file: missing/key}]}
 "#;
+
+    #[test]
+    fn embeddings_models_call_the_embeddings_endpoint() {
+        let text = "apiVersion: parley.dev/gateway/v1\ndefaultModel: c\nmodels:\n- name: c\n  backends: [{name: p, provider: openai, baseUrl: 'http://127.0.0.1:1/v1'}]\n- name: e\n  kind: embeddings\n  backends: [{name: p, provider: openai, baseUrl: 'http://127.0.0.1:1/v1/'}]\n";
+        let shared = Shared::new(Arc::new(Metrics::new())).unwrap();
+        let cfg = GatewayConfig::from_yaml(text).unwrap();
+        let rt = build(cfg, text, Path::new("/nonexistent/config.yaml"), &shared).unwrap();
+        assert_eq!(
+            rt.models["c"].backends[0].url,
+            "http://127.0.0.1:1/v1/chat/completions"
+        );
+        assert_eq!(
+            rt.models["e"].backends[0].url,
+            "http://127.0.0.1:1/v1/embeddings"
+        );
+    }
 
     #[test]
     fn builds_indexes_chains_and_prices() {

@@ -28,7 +28,7 @@ use tower_http::request_id::{
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::api::{self, chat, completions, models, responses};
+use crate::api::{self, chat, completions, embeddings, models, responses};
 use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::state::AppState;
 
@@ -73,6 +73,10 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/responses/{id}",
             get(responses::get)
+        .route(
+            "/v1/embeddings",
+            post(embeddings::embeddings).fallback(api::method_not_allowed),
+        )
                 .delete(responses::delete)
                 .fallback(api::method_not_allowed),
         )

@@ -6,8 +6,9 @@
 //!
 //! * `POST /v1/chat/completions` (OpenAI), `POST /v1/responses` (OpenAI Responses) and
 //!   `POST /v1/messages` (Anthropic), streaming
-//!   or not, with tool calls; `GET /v1/models` (Anthropic's shape when the request has
-//!   an `anthropic-version` header); `GET /healthz`.
+//!   or not, with tool calls; `POST /v1/embeddings` (OpenAI; deterministic vectors, see
+//!   [`embeddings`]); `GET /v1/models` (Anthropic's shape when the request has an
+//!   `anthropic-version` header); `GET /healthz`.
 //! * `GET|POST /_mock/config`: read / partially update the [`MockConfig`] knobs (fields
 //!   present replace the current values, `null` clears optional ones, unknown fields are
 //!   a 400; `{"reset": true}` first restores the start-up configuration). The answer is
@@ -57,6 +58,7 @@ mod anthropic;
 pub mod cli;
 mod common;
 mod config;
+pub mod embeddings;
 mod openai;
 mod responses;
 mod sse;
@@ -228,6 +230,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/messages", post(messages))
         .route("/v1/responses", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings_request))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/_mock/config", get(get_config).post(post_config))
@@ -239,6 +242,16 @@ fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn chat_completions(
+    State(s): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    api_request(&s, Api::OpenAi, &method, uri.path(), &headers, body).await
+}
+
+async fn embeddings_request(
     State(s): State<Arc<Shared>>,
     method: Method,
     uri: Uri,
@@ -297,6 +310,9 @@ async fn api_request(
         match &parsed {
             Err(e) => common::bad_request(api, &format!("The request body is not valid JSON: {e}")),
             Ok(v) => match api {
+                Api::OpenAi if path.ends_with("/embeddings") => {
+                    embeddings::respond(&profile, &s.stats, seq, v)
+                }
                 Api::OpenAi if path.ends_with("/responses") => {
                     responses::respond(&profile, &s.stats, seq, v)
                 }

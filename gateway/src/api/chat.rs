@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
+use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -58,6 +59,7 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     let bytes = read_body(ctx, &headers, body, rt.config.limits.max_body_bytes).await?;
     let input = parse_chat(parse_object(&bytes)?, &rt.config.default_model)?;
     let (model, chain) = resolve_model(&rt, tenant, &input.model, ctx)?;
+    super::require_kind(&model, ModelKind::Chat, "/chat")?;
     let ttl = Duration::from_secs(rt.config.sessions.ttl_seconds);
     let history = Store::of(&ctx.state, &rt)
         .session_load(&tenant.id, &input.session_id, ttl)

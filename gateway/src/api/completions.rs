@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
+use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 
 use super::{
@@ -70,6 +71,11 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
         acct.stream = stream;
     }
     let (model, chain) = resolve_model(&rt, tenant, &model_name, ctx)?;
+    let endpoint = match format {
+        ApiFormat::OpenAi => "/v1/chat/completions",
+        ApiFormat::Anthropic => "/v1/messages",
+    };
+    super::require_kind(&model, ModelKind::Chat, endpoint)?;
     // The Chatbot's persona goes first, before the client's own system message.
     let prompt_bytes = match rt.config.system_prompt.as_deref() {
         Some(sp) => {

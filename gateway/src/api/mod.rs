@@ -1,5 +1,6 @@
 //! The chat API: one file per endpoint (`completions` for `/v1/chat/completions` and
-//! `/v1/messages`, `chat` for `/chat`, `models` for `/v1/models`), each read top to bottom:
+//! `/v1/messages`, `chat` for `/chat`, `embeddings` for `/v1/embeddings`, `models` for
+//! `/v1/models`), each read top to bottom:
 //! authenticate from the headers, read and check the body, admit, then run the upstream
 //! exchange through [`outlive_client`] (so a client that goes away cannot cancel the call
 //! or its accounting) and shape the answer.
@@ -9,6 +10,7 @@
 
 pub mod chat;
 pub mod completions;
+pub mod embeddings;
 pub mod models;
 pub mod responses;
 pub mod stream;
@@ -24,6 +26,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
+use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value};
 
 use crate::accounting::Accounting;
@@ -323,6 +326,25 @@ pub fn resolve_model(
     Ok((Arc::clone(model), chain))
 }
 
+/// Refuses a model whose kind is not the one `endpoint` serves: 400 naming the model, its
+/// kind and the endpoint that serves it. Every endpoint calls it right after
+/// [`resolve_model`] (fallbacks share their model's kind, the config checks that).
+pub fn require_kind(model: &Model, kind: ModelKind, endpoint: &str) -> Result<(), ApiError> {
+    if model.config.kind == kind {
+        return Ok(());
+    }
+    let fix = match model.config.kind {
+        ModelKind::Embeddings => "send it to POST /v1/embeddings, or name a chat model here",
+        ModelKind::Chat => "name a model of kind embeddings (see GET /v1/models)",
+    };
+    Err(ApiError::invalid(format!(
+        "model {:?} is {} model, and {endpoint} serves {} models only: {fix}",
+        model.name.as_str(),
+        model.config.kind.with_article(),
+        kind.as_str(),
+    )))
+}
+
 /// Runs the upstream exchange `work` so that it (and the accounting it owns) completes
 /// even if the client goes away: it is polled right here while the client waits (no
 /// extra task, no hand-off between threads on the common path), and if this handler is
@@ -363,7 +385,7 @@ pub async fn not_found(uri: axum::http::Uri) -> Response {
     ApiError::new(
         ErrorKind::NotFound,
         format!(
-            "no such endpoint {}; use /v1/chat/completions, /v1/messages, /v1/models or /chat",
+            "no such endpoint {}; use /v1/chat/completions, /v1/messages, /v1/embeddings, /v1/models or /chat",
             uri.path()
         ),
     )

@@ -1,5 +1,6 @@
 //! `GET /v1/models`: the models this tenant may use (Anthropic's list shape when the
-//! client sends `anthropic-version`).
+//! client sends `anthropic-version`), each with its `kind` (`chat` or `embeddings`: the
+//! endpoints that serve it).
 
 use std::sync::Arc;
 
@@ -28,23 +29,23 @@ pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
 fn list(state: &Arc<AppState>, headers: &HeaderMap, anthropic: bool) -> Result<Response, ApiError> {
     let rt = Ctx::runtime_of(state)?;
     let tenant = &rt.tenants[authenticate(&rt, headers)?];
-    let mut names: Vec<&str> = rt
+    let mut models: Vec<(&str, &str)> = rt
         .models
-        .keys()
-        .map(String::as_str)
-        .filter(|m| tenant.may_use(m))
+        .iter()
+        .filter(|(name, _)| tenant.may_use(name))
+        .map(|(name, m)| (name.as_str(), m.config.kind.as_str()))
         .collect();
-    names.sort_unstable();
+    models.sort_unstable();
     let body = if anthropic {
-        let data: Vec<Value> = names
+        let data: Vec<Value> = models
             .iter()
-            .map(|n| json!({"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z"}))
+            .map(|(n, kind)| json!({"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z", "kind": kind}))
             .collect();
-        json!({"data": data, "has_more": false, "first_id": names.first(), "last_id": names.last()})
+        json!({"data": data, "has_more": false, "first_id": models.first().map(|m| m.0), "last_id": models.last().map(|m| m.0)})
     } else {
-        let data: Vec<Value> = names
+        let data: Vec<Value> = models
             .iter()
-            .map(|n| json!({"id": n, "object": "model", "created": 0, "owned_by": "parley"}))
+            .map(|(n, kind)| json!({"id": n, "object": "model", "created": 0, "owned_by": "parley", "kind": kind}))
             .collect();
         json!({"object": "list", "data": data})
     };

@@ -82,6 +82,7 @@ fn model(route: &ModelRoute) -> ModelConfig {
     let breaker = spec.circuit_breaker.clone().unwrap_or_default();
     ModelConfig {
         name: route.model_name().to_string(),
+        kind: spec.kind.unwrap_or_default(),
         backends: spec
             .backends
             .iter()

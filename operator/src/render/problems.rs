@@ -8,6 +8,7 @@ use kube::ResourceExt;
 use parley_crds::chatbot::{KongLimitBy, KongPolicy};
 use parley_crds::common::SecretKeyRef;
 use parley_crds::gateway_config::fallback_cycle;
+use parley_crds::model_route::{ModelKind, Provider};
 use parley_crds::money::parse_usd_micros;
 use parley_crds::{ModelRoute, Tenant};
 
@@ -108,6 +109,20 @@ pub(super) fn check(
                 "{:?} is not a selected model; selected models: {}",
                 spec.default_model,
                 by_model.keys().copied().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+
+    if let Some(route) = by_model.get(spec.default_model.as_str())
+        && route.spec.kind == Some(ModelKind::Embeddings)
+    {
+        problems.push(Problem::error(
+            cb.clone(),
+            "spec.defaultModel",
+            format!(
+                "{:?} is an embeddings model (ModelRoute {}); the default serves chat requests that name no model, so pick a chat model",
+                spec.default_model,
+                route.name_any()
             ),
         ));
     }
@@ -222,16 +237,29 @@ fn check_route(
     problems: &mut Vec<Problem>,
 ) {
     let object = object_ref(route);
+    let kind = route.spec.kind.unwrap_or_default();
     for (i, fallback) in route.spec.fallbacks.iter().enumerate() {
-        if !models.contains_key(fallback.as_str()) {
-            problems.push(Problem::error(
+        match models.get(fallback.as_str()) {
+            None => problems.push(Problem::error(
                 object.clone(),
                 format!("spec.fallbacks[{i}]"),
                 format!(
                     "{fallback:?} is not a model selected by Chatbot {}; create a ModelRoute for it or remove the fallback",
                     input.chatbot.name_any()
                 ),
-            ));
+            )),
+            Some(other) if other.spec.kind.unwrap_or_default() != kind => {
+                problems.push(Problem::error(
+                    object.clone(),
+                    format!("spec.fallbacks[{i}]"),
+                    format!(
+                        "{fallback:?} is {} model and cannot stand in for this {} model; remove the fallback or change spec.kind",
+                        other.spec.kind.unwrap_or_default().with_article(),
+                        kind.as_str()
+                    ),
+                ))
+            }
+            Some(_) => {}
         }
     }
     let mut names = HashMap::new();
@@ -244,6 +272,14 @@ fn check_route(
                     "backend name {:?} is already used by spec.backends[{first}]",
                     backend.name
                 ),
+            ));
+        }
+        if route.spec.kind == Some(ModelKind::Embeddings) && backend.provider == Provider::Anthropic
+        {
+            problems.push(Problem::error(
+                object.clone(),
+                format!("spec.backends[{i}].provider"),
+                "spec.kind is embeddings, but Anthropic has no embeddings API; use an openai backend or kind chat",
             ));
         }
         if let Some(secret) = &backend.api_key_secret_ref {

@@ -98,6 +98,50 @@ fn fallback_cycle_is_an_error() {
 }
 
 #[test]
+fn embeddings_kind_is_rendered_and_checked() {
+    let mut embed = route("e", &[]);
+    embed.spec.kind = Some(parley_crds::model_route::ModelKind::Embeddings);
+    let rendered = run(&chatbot("bot", ""), &[route("a", &[]), embed.clone()], &[]).unwrap();
+    let text = &rendered.config_map.data.as_ref().unwrap()["config.yaml"];
+    let config = parley_crds::GatewayConfig::from_yaml(text).unwrap();
+    let kinds: Vec<&str> = config.models.iter().map(|m| m.kind.as_str()).collect();
+    assert_eq!(kinds, ["chat", "embeddings"]);
+    assert!(text.contains("kind: embeddings") && text.contains("kind: chat"), "{text}");
+
+    // An anthropic backend, a fallback of the other kind, and an embeddings default.
+    let mut bad = embed.clone();
+    bad.spec.backends[0].provider = parley_crds::model_route::Provider::Anthropic;
+    bad.spec.fallbacks = vec!["a".into()];
+    let mut cb = chatbot("bot", "");
+    cb.spec.default_model = "e".into();
+    let problems = errors(run(&cb, &[route("a", &["e"]), bad], &[]));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/e",
+        "spec.backends[0].provider",
+        "Anthropic has no embeddings API",
+    );
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/e",
+        "spec.fallbacks[0]",
+        "\"a\" is a chat model and cannot stand in for this embeddings model",
+    );
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.fallbacks[0]",
+        "\"e\" is an embeddings model and cannot stand in for this chat model",
+    );
+    assert_one_error(
+        &problems,
+        "Chatbot/ns/bot",
+        "spec.defaultModel",
+        "\"e\" is an embeddings model",
+    );
+}
+
+#[test]
 fn fallback_to_unselected_model_is_an_error() {
     let problems = errors(run(
         &chatbot("bot", ""),
