@@ -151,22 +151,12 @@ struct Settle {
     cost_micros: i64,
 }
 
-/// One admission's checks, as the batch script takes them.
-struct CheckArgs {
-    key: String,
-    kind: &'static str,
-    limit: u64,
-    width_ms: u64,
-    slots: u64,
-    amount: u64,
-}
-
 /// An admission waiting for the batcher.
 struct AdmitJob {
     /// Its keys' hash tag (the tenant; the Chatbot is the same for every job of a client):
     /// one script call per group, so in a cluster each goes to its slot's master.
     group: String,
-    checks: Vec<CheckArgs>,
+    checks: Arc<Vec<Check>>,
     reply: tokio::sync::oneshot::Sender<Result<Decided, String>>,
 }
 
@@ -549,12 +539,13 @@ impl Redis {
         req: &LimitRequest<'_>,
         mode: FailureMode,
     ) -> Result<Option<RedisReservation>, Refusal> {
-        let checks = self.checks(req);
+        // Shared with the batcher: the keys are not copied again.
+        let checks = Arc::new(self.checks(req));
         if checks.is_empty() {
             self.decision("admitted");
             return Ok(None);
         }
-        let result = self.decide(req.tenant, &checks).await;
+        let result = self.decide(req.tenant, Arc::clone(&checks)).await;
         let Some(r) = result else {
             return match mode {
                 FailureMode::Open => {
@@ -632,28 +623,17 @@ impl Redis {
 
     /// Hands the decision to the admission batcher and waits for it. `None`: Redis failed
     /// or did not answer in time (counted as an error).
-    async fn decide(&self, tenant: &str, checks: &[Check]) -> Option<Decided> {
+    async fn decide(&self, tenant: &str, checks: Arc<Vec<Check>>) -> Option<Decided> {
         let tx = self.admits.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(ADMIT_QUEUE);
             // It ends when this client is dropped (the channel closes).
             tokio::spawn(admit_batcher(self.conn.clone(), rx));
             tx
         });
-        let mut args = Vec::with_capacity(checks.len());
-        for c in checks {
-            args.push(CheckArgs {
-                key: c.key.clone(),
-                kind: c.kind,
-                limit: c.limit,
-                width_ms: c.width_ms,
-                slots: c.slots,
-                amount: c.amount,
-            });
-        }
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = AdmitJob {
             group: tenant.to_string(),
-            checks: args,
+            checks,
             reply,
         };
         if tx.try_send(job).is_err() {
@@ -908,7 +888,7 @@ async fn admit_group(mut conn: Conn, jobs: Vec<AdmitJob>) {
     let mut keys: Vec<&str> = Vec::new();
     for job in &jobs {
         inv.arg(job.checks.len());
-        for c in &job.checks {
+        for c in job.checks.iter() {
             let ki = match keys.iter().position(|k| *k == c.key) {
                 Some(i) => i,
                 None => {
