@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, Uri};
-use axum::middleware::Next;
 use axum::response::Response;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
@@ -31,37 +30,118 @@ use crate::state::AppState;
 pub struct UpstreamWait(pub Duration);
 
 /// The outermost layer of the chat API: overhead = time in Parley - upstream wait.
-pub async fn measure(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+#[derive(Clone)]
+pub struct MeasureLayer {
+    state: Arc<AppState>,
+}
+
+impl MeasureLayer {
+    /// Observes into `state`'s metrics.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+impl<S> tower::Layer<S> for MeasureLayer {
+    type Service = Measure<S>;
+    fn layer(&self, inner: S) -> Measure<S> {
+        Measure {
+            inner,
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+/// See [`MeasureLayer`].
+#[derive(Clone)]
+pub struct Measure<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S> tower::Service<Request> for Measure<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = MeasureFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let arrival = arrival(&req);
+        MeasureFuture {
+            inner: self.inner.call(req),
+            arrival,
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`MeasureLayer`].
+    pub struct MeasureFuture<F> {
+        #[pin]
+        inner: F,
+        arrival: Instant,
+        state: Arc<AppState>,
+    }
+}
+
+impl<F, E> Future for MeasureFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        if resp.headers().contains_key("x-parley-overhead-ms") {
+            let wait = resp
+                .extensions()
+                .get::<UpstreamWait>()
+                .copied()
+                .unwrap_or_default();
+            let overhead = this.arrival.elapsed().saturating_sub(wait.0);
+            this.state.metrics.overhead.observe(overhead.as_secs_f64());
+            resp.headers_mut()
+                .insert("x-parley-overhead-ms", millis_header(overhead));
+        }
+        Poll::Ready(Ok(resp))
+    }
+}
+
+/// When `req` began to arrive: when its connection read its first bytes (hyper has
+/// parsed it since); not further back than a second (a slow client's upload or a
+/// multiplexed HTTP/2 connection is not Parley's time).
+fn arrival(req: &Request) -> Instant {
     let now = now_ns();
-    let mut arrival = Instant::now();
-    // The request began to arrive when the connection read its first bytes (hyper has
-    // parsed it since); not further back than a second (a slow client's upload or a
-    // multiplexed HTTP/2 connection is not Parley's time).
-    if let Some(began) = req
+    let arrival = Instant::now();
+    match req
         .extensions()
         .get::<ConnTiming>()
         .and_then(ConnTiming::request_began)
-        && began <= now
-        && now - began < 1_000_000_000
     {
-        arrival = arrival
+        Some(began) if began <= now && now - began < 1_000_000_000 => arrival
             .checked_sub(Duration::from_nanos(now - began))
-            .unwrap_or(arrival);
+            .unwrap_or(arrival),
+        _ => arrival,
     }
-    let mut resp = next.run(req).await;
-    if resp.headers().contains_key("x-parley-overhead-ms") {
-        let wait = resp
-            .extensions()
-            .get::<UpstreamWait>()
-            .copied()
-            .unwrap_or_default();
-        let overhead = arrival.elapsed().saturating_sub(wait.0);
-        state.metrics.overhead.observe(overhead.as_secs_f64());
-        if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0)) {
-            resp.headers_mut().insert("x-parley-overhead-ms", v);
-        }
-    }
-    resp
+}
+
+/// `d` in milliseconds with three decimals, formatted without a heap allocation.
+fn millis_header(d: Duration) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 32];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let micros = d.as_micros();
+    let _ = write!(cursor, "{}.{:03}", micros / 1000, micros % 1000);
+    let len = usize::try_from(cursor.position()).unwrap_or(0);
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("0.000"))
 }
 
 // --- the edges of the network exchanges --------------------------------------------------

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -47,7 +48,17 @@ pub fn max_concurrent_requests() -> usize {
 }
 
 /// The chat API: routes, then the middleware stack around all of them.
-pub fn chat_router(state: Arc<AppState>) -> Router {
+pub fn chat_router(
+    state: Arc<AppState>,
+) -> impl tower::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ Sync
++ 'static {
     let routes = Router::new()
         .route(
             "/v1/chat/completions",
@@ -63,6 +74,10 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
                 })),
         )
         .route(
+            "/v1/embeddings",
+            post(embeddings::embeddings).fallback(api::method_not_allowed),
+        )
+        .route(
             "/v1/models",
             get(models::models).fallback(api::method_not_allowed),
         )
@@ -73,10 +88,6 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/responses/{id}",
             get(responses::get)
-        .route(
-            "/v1/embeddings",
-            post(embeddings::embeddings).fallback(api::method_not_allowed),
-        )
                 .delete(responses::delete)
                 .fallback(api::method_not_allowed),
         )
@@ -84,14 +95,14 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
     let routes = test_hooks(routes)
         .fallback(api::not_found)
         .with_state(Arc::clone(&state));
-    let shed = Arc::clone(&state);
-    let stack = ServiceBuilder::new()
+    ServiceBuilder::new()
+        // hyper's request body becomes axum's (the one allocation a Router makes too).
+        .map_request(|req: http::Request<hyper::body::Incoming>| req.map(Body::new))
         // 0. Parley's overhead, measured at the outermost edge: `x-parley-overhead-ms`
         //    and `parley_overhead_seconds` (see `overhead`).
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            crate::overhead::measure,
-        ))
+        .layer(crate::overhead::MeasureLayer::new(Arc::clone(&state)))
+        // (The layers below wrap the body; one box makes it axum's again.)
+        .map_response(IntoResponse::into_response)
         // 1. A client's `x-request-id` is kept only if it is sane (1-128 visible ASCII
         //    characters); otherwise it is replaced by a new one.
         .map_request(drop_insane_request_id)
@@ -118,8 +129,13 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
                 .on_failure(()),
         )
         // 5. CORS from the live config (`cors.allowedOrigins`, read on each request, so a
-        //    reload applies at once); preflights are answered here.
-        .layer(cors(Arc::clone(&state)))
+        //    reload applies at once); preflights are answered here. Only requests that
+        //    carry an `Origin` (every browser's cross-origin request does) while CORS is
+        //    configured pass through it: API clients pay nothing for it.
+        .layer(LiveCorsLayer {
+            cors: cors(Arc::clone(&state)),
+            state: Arc::clone(&state),
+        })
         // 6. A panic anywhere below is a 500 in the API's error shape, never a dropped
         //    connection; the process keeps serving.
         .layer(CatchPanicLayer::custom(|p| {
@@ -132,10 +148,9 @@ pub fn chat_router(state: Arc<AppState>) -> Router {
         .layer(ShedLayer {
             in_flight: Arc::new(AtomicUsize::new(0)),
             max: max_concurrent_requests(),
-            state: shed,
+            state,
         })
-        .service(routes);
-    Router::new().fallback_service(stack)
+        .service(routes)
 }
 
 /// Test-only routes: `POST /_test/panic` panics in its handler. Present only in debug
@@ -171,8 +186,10 @@ pub struct NewRequestId;
 
 impl MakeRequestId for NewRequestId {
     fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<RequestId> {
-        let hex = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        HeaderValue::from_str(&hex).ok().map(RequestId::new)
+        let mut hex = [0u8; 32];
+        let random = u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..));
+        hex::encode_to_slice(random.to_be_bytes(), &mut hex).ok()?;
+        HeaderValue::from_bytes(&hex).ok().map(RequestId::new)
     }
 }
 
@@ -207,6 +224,59 @@ fn cors(state: Arc<AppState>) -> CorsLayer {
             header::RETRY_AFTER,
         ])
         .max_age(Duration::from_secs(600))
+}
+
+/// CORS for the requests that need it (layer 5 of [`chat_router`]).
+#[derive(Clone)]
+struct LiveCorsLayer {
+    cors: CorsLayer,
+    state: Arc<AppState>,
+}
+
+impl<S: Clone> tower::Layer<S> for LiveCorsLayer {
+    type Service = LiveCors<S>;
+    fn layer(&self, inner: S) -> LiveCors<S> {
+        LiveCors {
+            cors: self.cors.layer(inner.clone()),
+            inner,
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+/// See [`LiveCorsLayer`].
+#[derive(Clone)]
+struct LiveCors<S> {
+    cors: tower_http::cors::Cors<S>,
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S, B> tower::Service<Request> for LiveCors<S>
+where
+    S: tower::Service<Request, Response = http::Response<B>> + Clone,
+    B: Default,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future =
+        futures_util::future::Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::ready!(self.inner.poll_ready(cx))?;
+        self.cors.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if req.headers().contains_key(header::ORIGIN) && self.state.runtime.load().cors.is_some() {
+            futures_util::future::Either::Left(self.cors.call(req))
+        } else {
+            futures_util::future::Either::Right(self.inner.call(req))
+        }
+    }
 }
 
 fn panic_response(panic: Box<dyn std::any::Any + Send>, format: ApiFormat) -> Response {
@@ -277,17 +347,42 @@ impl Drop for Permit {
     }
 }
 
-type ShedFuture =
-    std::pin::Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
+pin_project_lite::pin_project! {
+    /// A request inside the limit, or the answer that sheds it.
+    #[project = ShedProj]
+    enum ShedFuture<F> {
+        Admitted { #[pin] inner: F, permit: Permit },
+        Shed { answer: Option<Response> },
+    }
+}
+
+impl<F, E> Future for ShedFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            // The permit is freed when the answer is ready or the request dropped.
+            ShedProj::Admitted { inner, .. } => inner.poll(cx),
+            ShedProj::Shed { answer } => std::task::Poll::Ready(Ok(answer
+                .take()
+                .unwrap_or_else(|| StatusCode::SERVICE_UNAVAILABLE.into_response()))),
+        }
+    }
+}
 
 impl<S> tower::Service<Request> for Shed<S>
 where
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
-    S::Future: Send + 'static,
+    S: tower::Service<Request, Response = Response>,
 {
     type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = ShedFuture;
+    type Error = S::Error;
+    type Future = ShedFuture<S::Future>;
 
     fn poll_ready(
         &mut self,
@@ -300,16 +395,14 @@ where
         let l = &self.layer;
         if l.in_flight.fetch_add(1, Ordering::AcqRel) >= l.max {
             l.in_flight.fetch_sub(1, Ordering::AcqRel);
-            let resp = overloaded(&l.state, req.uri());
-            return Box::pin(std::future::ready(Ok(resp)));
+            return ShedFuture::Shed {
+                answer: Some(overloaded(&l.state, req.uri())),
+            };
         }
-        let permit = Permit(Arc::clone(&l.in_flight));
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await;
-            drop(permit);
-            resp
-        })
+        ShedFuture::Admitted {
+            permit: Permit(Arc::clone(&l.in_flight)),
+            inner: self.inner.call(req),
+        }
     }
 }
 
@@ -347,12 +440,21 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 /// Serves `router` on `listener` until `shutdown`; then stops accepting (the listener
 /// is closed, so new connections are refused) and waits up to `drain` for in-flight
 /// requests and streams.
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     shutdown: CancellationToken,
     drain: Duration,
-) {
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -381,7 +483,7 @@ pub async fn serve(
                 let io = crate::overhead::TimedTcp::new(stream);
                 let clock = io.clock();
                 let service = TowerToHyperService::new(tower::ServiceExt::map_request(
-                    router.clone(),
+                    service.clone(),
                     move |mut req: http::Request<hyper::body::Incoming>| {
                         req.extensions_mut().insert(clock.clone());
                         req
