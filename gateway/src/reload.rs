@@ -160,7 +160,9 @@ fn swap_in(state: &AppState, last_failure: &mut Option<String>) -> Option<Arc<Ru
 pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Duration) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Reading the files is an event too (inotify's open and close-without-write):
+        // reacting to it would make every reload trigger the next, forever.
+        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.try_send(());
         }
     });
