@@ -106,7 +106,10 @@ fn embeddings_kind_is_rendered_and_checked() {
     let config = parley_crds::GatewayConfig::from_yaml(text).unwrap();
     let kinds: Vec<&str> = config.models.iter().map(|m| m.kind.as_str()).collect();
     assert_eq!(kinds, ["chat", "embeddings"]);
-    assert!(text.contains("kind: embeddings") && text.contains("kind: chat"), "{text}");
+    assert!(
+        text.contains("kind: embeddings") && text.contains("kind: chat"),
+        "{text}"
+    );
 
     // An anthropic backend, a fallback of the other kind, and an embeddings default.
     let mut bad = embed.clone();
