@@ -110,6 +110,11 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     };
     let new_items = rt_resp::input_items(req.get("input").unwrap_or(&Value::Null))?;
     let (model, chain) = resolve_model(&rt, tenant, &model_name, ctx)?;
+    super::require_kind(
+        &model,
+        parley_crds::gateway_config::ModelKind::Chat,
+        "/v1/responses",
+    )?;
     let ttl = Duration::from_secs(rt.config.sessions.ttl_seconds);
     let mut history_bytes = 0;
     let mut items = match &previous {
