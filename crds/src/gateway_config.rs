@@ -366,6 +366,11 @@ pub struct TenantConfig {
     /// tenant's requests; each must name a model of this config and one of its backends.
     #[serde(default)]
     pub upstream_keys: Vec<UpstreamKeyConfig>,
+    /// Largest request body this tenant may send, in bytes (1 to 64 MiB); absent =
+    /// `limits.maxBodyBytes`. A larger one is answered 413. Its key is checked first, so
+    /// an unknown client's body is never read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// Sliding-window limits of a tenant, all models together: a per-minute limit of N admits
@@ -551,6 +556,9 @@ const fn default_session_ttl() -> u64 {
 const fn default_session_max_messages() -> u32 {
     50
 }
+/// The largest `tenants[].maxBodyBytes` (64 MiB).
+pub const MAX_TENANT_BODY_BYTES: u64 = 64 * 1024 * 1024;
+
 const fn default_max_body_bytes() -> u64 {
     1_048_576
 }
@@ -827,6 +835,13 @@ impl GatewayConfig {
             {
                 problems.push(format!("tenants[{i}].budget.monthlyUsd: {e}"));
             }
+            if let Some(n) = tenant.max_body_bytes
+                && !(1..=MAX_TENANT_BODY_BYTES).contains(&n)
+            {
+                problems.push(format!(
+                    "tenants[{i}].maxBodyBytes: {n} is out of range; give 1 to {MAX_TENANT_BODY_BYTES} bytes (64 MiB)"
+                ));
+            }
             let unknown = |model: &str| !names.contains(model);
             for (j, model) in tenant.allowed_models.iter().enumerate() {
                 if unknown(model) {
@@ -1101,10 +1116,16 @@ models:
     #[test]
     fn inconsistencies_are_all_reported() {
         let text = format!(
-            "{MINIMAL}  fallbacks: [gpt-4o-mini]\n  retry: {{maxAttempts: 0}}\ntenants:\n- {{id: a/b, apiKeys: [], budget: {{monthlyUsd: \"1,5\"}}}}\n"
+            "{MINIMAL}  fallbacks: [gpt-4o-mini]\n  retry: {{maxAttempts: 0}}\ntenants:\n- {{id: a/b, apiKeys: [], budget: {{monthlyUsd: \"1,5\"}}}}\n- {{id: a/c, apiKeys: [{{value: k}}], maxBodyBytes: 0}}\n"
         );
         let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
-        for needle in ["fallbacks[0]", "maxAttempts", "apiKeys", "monthlyUsd"] {
+        for needle in [
+            "fallbacks[0]",
+            "maxAttempts",
+            "apiKeys",
+            "monthlyUsd",
+            "tenants[1].maxBodyBytes: 0 is out of range",
+        ] {
             assert!(err.contains(needle), "{needle} missing in {err}");
         }
     }

@@ -67,6 +67,11 @@ pub struct TenantSpec {
     #[schemars(length(max = 256))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["model".into(), "backend".into()]))]
     pub upstream_keys: Vec<UpstreamKey>,
+    /// Largest request body this tenant may send, in bytes (absent = the gateway's
+    /// `limits.maxBodyBytes`); a larger one is answered 413 without reaching a provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 67108864))]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A reference to one API key of the tenant.

@@ -25,6 +25,8 @@ def setup(start_mock, start_gateway):
                            "rateLimit": {"requestsPerMinute": 2}})
     doc["tenants"].append({"id": "test/poor", "apiKeys": [{"value": "sk-poor"}],
                            "budget": {"monthlyUsd": "0.000001"}})
+    doc["tenants"].append({"id": "test/terse", "apiKeys": [{"value": "sk-terse"}], "maxBodyBytes": 200})
+    doc["tenants"].append({"id": "test/verbose", "apiKeys": [{"value": "sk-verbose"}], "maxBodyBytes": 65536})
     doc["models"][0]["pricing"] = {"inputPerMillionTokens": "1000.00", "outputPerMillionTokens": "1000.00"}
     gw = start_gateway(doc)
     return gw, oai, ant
@@ -122,6 +124,21 @@ def test_body_limit_is_a_413_the_client_receives(setup):
         data = s.recv(4096)
     assert data.startswith(b"HTTP/1.1 413"), data[:100]
     assert oai.requests() == 0
+
+
+def test_a_tenant_body_limit_replaces_the_gateway_one(setup):
+    gw, oai, _ = setup
+    medium = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 1000}]}
+    # Under the gateway's 4096 bytes but over test/terse's 200.
+    r = gw.post("/v1/chat/completions", medium, key="sk-terse")
+    assert r.status_code == 413 and "200 bytes" in openai_error(r)["message"]
+    assert gw.post("/v1/chat/completions", medium).status_code == 200
+    # Over the gateway's 4096 bytes but under test/verbose's 65536.
+    large = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 20_000}]}
+    assert gw.post("/v1/chat/completions", large).status_code == 413
+    r = gw.post("/v1/chat/completions", large, key="sk-verbose")
+    assert r.status_code == 200, r.text
+    assert oai.requests() == 2
 
 
 def test_upstream_answers(setup):

@@ -118,6 +118,8 @@ pub struct Tenant {
     pub budget_micros: Option<i64>,
     /// `(model, backend)` -> tenant-owned key.
     pub upstream_keys: HashMap<(String, String), Auth>,
+    /// Largest request body it may send (its own limit, or `limits.maxBodyBytes`).
+    pub max_body_bytes: u64,
 }
 
 impl Tenant {
@@ -824,6 +826,7 @@ pub fn build(
                 .collect(),
             budget_micros,
             upstream_keys,
+            max_body_bytes: t.max_body_bytes.unwrap_or(config.limits.max_body_bytes),
         });
     }
     if !problems.is_empty() {

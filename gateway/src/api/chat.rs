@@ -56,7 +56,7 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
     let tenant = &rt.tenants[ti];
     let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, rt.config.limits.max_body_bytes).await?;
+    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let input = parse_chat(parse_object(&bytes)?, &rt.config.default_model)?;
     let (model, chain) = resolve_model(&rt, tenant, &input.model, ctx)?;
     super::require_kind(&model, ModelKind::Chat, "/chat")?;

@@ -54,7 +54,7 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
     let tenant = &rt.tenants[ti];
     let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, rt.config.limits.max_body_bytes).await?;
+    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let mut body = parse_object(&bytes)?;
     check_messages(&body)?;
     let model_name = match body.get("model") {

@@ -48,7 +48,7 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
     let tenant = &rt.tenants[ti];
     let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, rt.config.limits.max_body_bytes).await?;
+    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let body = parse_object(&bytes)?;
     // No default model here: `defaultModel` is a chat model.
     let model_name = match body.get("model") {

@@ -82,7 +82,7 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
     let tenant = &rt.tenants[ti];
     let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, rt.config.limits.max_body_bytes).await?;
+    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let mut req = parse_object(&bytes)?;
     let model_name = match req.get("model") {
         None | Some(Value::Null) => rt.config.default_model.clone(),

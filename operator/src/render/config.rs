@@ -192,5 +192,6 @@ fn tenant(tenant: &Tenant, served: &[&str]) -> Option<TenantConfig> {
                 api_key: secret_file(&k.secret_ref),
             })
             .collect(),
+        max_body_bytes: spec.max_body_bytes,
     })
 }
