@@ -78,6 +78,7 @@ pub struct ModelRouteSpec {
 /// An upstream LLM API endpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.responsesApi) || !self.responsesApi || self.provider == 'openai'").message("responsesApi needs provider openai: only OpenAI-compatible backends serve the Responses API").field_path(".responsesApi"))]
 pub struct Backend {
     /// Unique name of the backend within the route (the `backend` label of metrics and the
     /// `x-parley-backend` response header).
@@ -110,6 +111,11 @@ pub struct Backend {
     /// Timeouts of a call to this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
+    /// The backend also serves the OpenAI Responses API at `<baseUrl>/responses`
+    /// (openai provider only): `/v1/responses` requests are passed to it as they are
+    /// [false: translated to chat completions, or to Messages for anthropic].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responses_api: Option<bool>,
 }
 
 /// The API the backend speaks: `openai` (any OpenAI-compatible chat completions API) or

@@ -105,7 +105,7 @@ fn model(route: &ModelRoute) -> ModelConfig {
                         first_token_ms: timeouts.first_token_ms.unwrap_or(defaults.first_token_ms),
                         total_ms: timeouts.total_ms.unwrap_or(defaults.total_ms),
                     },
-                    responses_api: false,
+                    responses_api: b.responses_api.unwrap_or(false),
                 }
             })
             .collect(),

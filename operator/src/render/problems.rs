@@ -282,6 +282,13 @@ fn check_route(
                 "spec.kind is embeddings, but Anthropic has no embeddings API; use an openai backend or kind chat",
             ));
         }
+        if backend.responses_api == Some(true) && backend.provider != Provider::Openai {
+            problems.push(Problem::error(
+                object.clone(),
+                format!("spec.backends[{i}].responsesApi"),
+                "responsesApi needs provider openai (only OpenAI-compatible backends serve the Responses API); remove it: /v1/responses is translated for this backend",
+            ));
+        }
         if let Some(secret) = &backend.api_key_secret_ref {
             check_secret(
                 input,

@@ -98,6 +98,29 @@ fn fallback_cycle_is_an_error() {
 }
 
 #[test]
+fn responses_api_is_rendered_and_checked() {
+    let mut passthrough = route("a", &[]);
+    passthrough.spec.backends[0].responses_api = Some(true);
+    let rendered = run(&chatbot("bot", ""), &[passthrough.clone()], &[]).unwrap();
+    let text = &rendered.config_map.data.as_ref().unwrap()["config.yaml"];
+    let config = parley_crds::GatewayConfig::from_yaml(text).unwrap();
+    assert!(config.models[0].backends[0].responses_api, "{text}");
+    let plain = run(&chatbot("bot", ""), &[route("a", &[])], &[]).unwrap();
+    let text = &plain.config_map.data.as_ref().unwrap()["config.yaml"];
+    assert!(!text.contains("responsesApi"), "{text}");
+
+    let mut bad = passthrough;
+    bad.spec.backends[0].provider = parley_crds::model_route::Provider::Anthropic;
+    let problems = errors(run(&chatbot("bot", ""), &[bad], &[]));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.backends[0].responsesApi",
+        "responsesApi needs provider openai",
+    );
+}
+
+#[test]
 fn embeddings_kind_is_rendered_and_checked() {
     let mut embed = route("e", &[]);
     embed.spec.kind = Some(parley_crds::model_route::ModelKind::Embeddings);
