@@ -19,7 +19,7 @@ use crate::cache;
 use crate::error::{ApiError, ApiFormat};
 use crate::metrics::{ModelLabel, ResultLabel};
 use crate::overhead::UpstreamWait;
-use crate::proxy::{self, ClientRequest, Served};
+use crate::proxy::{ClientRequest, Served};
 use crate::runtime::{Model, Runtime};
 use crate::state::AppState;
 use crate::store::Store;
@@ -164,22 +164,12 @@ async fn exchange(
 ) -> Response {
     let start = acct.start();
     let tenant = &rt.tenants[ti];
-    let (served, by) = match proxy::route(&state, tenant, &chain, &req).await {
-        Ok(x) => x,
-        Err((e, wait)) => {
-            let status = e.status().as_u16();
-            let mut resp = e.into_response_for(req.format);
-            let overhead = start.elapsed().saturating_sub(wait);
-            set_common(&mut resp, &model.name, "none", overhead);
-            resp.extensions_mut().insert(UpstreamWait(wait));
-            acct.finish(status, Usage::default());
-            return resp;
-        }
-    };
+    let (served, by) =
+        match super::call_upstream(&state, tenant, &chain, &req, None, &mut acct).await {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        };
     let backend = &by.model.backends[by.backend];
-    acct.model = Arc::clone(&by.model.name);
-    acct.backend = Arc::clone(&backend.name);
-    acct.price = Some(by.model.price);
     let overhead = start.elapsed().saturating_sub(by.upstream_wait);
     let mut resp = match served {
         Served::Full { body, usage } => {

@@ -21,7 +21,7 @@ use super::{
 use crate::accounting::Accounting;
 use crate::error::{ApiError, ApiFormat};
 use crate::overhead::UpstreamWait;
-use crate::proxy::{self, ClientRequest, Served};
+use crate::proxy::{ClientRequest, Served};
 use crate::runtime::{Model, Runtime};
 use crate::state::AppState;
 use crate::translate::Usage;
@@ -81,7 +81,7 @@ async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response
     };
     acct.held = held;
     let state = Arc::clone(&ctx.state);
-    Ok(outlive_client(exchange(state, rt, ti, model, chain, req, acct)).await)
+    Ok(outlive_client(exchange(state, rt, ti, chain, req, acct)).await)
 }
 
 /// Checks `input`, `encoding_format` and `dimensions`; returns the prompt size in bytes
@@ -202,33 +202,18 @@ async fn exchange(
     state: Arc<AppState>,
     rt: Arc<Runtime>,
     ti: usize,
-    model: Arc<Model>,
     chain: Vec<Arc<Model>>,
     req: ClientRequest,
     mut acct: Accounting,
 ) -> Response {
     let start = acct.start();
     let tenant = &rt.tenants[ti];
-    let (served, by) = match proxy::route(&state, tenant, &chain, &req).await {
-        Ok(x) => x,
-        Err((e, wait)) => {
-            let status = e.status().as_u16();
-            let mut resp = e.into_response_for(req.format);
-            set_common(
-                &mut resp,
-                &model.name,
-                "none",
-                start.elapsed().saturating_sub(wait),
-            );
-            resp.extensions_mut().insert(UpstreamWait(wait));
-            acct.finish(status, Usage::default());
-            return resp;
-        }
-    };
+    let (served, by) =
+        match super::call_upstream(&state, tenant, &chain, &req, None, &mut acct).await {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        };
     let backend = &by.model.backends[by.backend];
-    acct.model = Arc::clone(&by.model.name);
-    acct.backend = Arc::clone(&backend.name);
-    acct.price = Some(by.model.price);
     let overhead = start.elapsed().saturating_sub(by.upstream_wait);
     let mut resp = match served {
         Served::Full { body, usage } => {

@@ -259,6 +259,43 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
+/// The upstream exchange of a request through its model chain (`proxy::route_with`).
+/// Served: what the backend answered, with `acct` now naming that backend and its price.
+/// Not served: the error answer (in `format`), already settled in `acct`.
+pub async fn call_upstream(
+    state: &AppState,
+    tenant: &Tenant,
+    chain: &[Arc<Model>],
+    req: &crate::proxy::ClientRequest,
+    responses: Option<&Map<String, Value>>,
+    acct: &mut Accounting,
+) -> Result<(crate::proxy::Served, crate::proxy::ServedBy), Response> {
+    match crate::proxy::route_with(state, tenant, chain, req, responses).await {
+        Ok((served, by)) => {
+            let backend = &by.model.backends[by.backend];
+            acct.model = Arc::clone(&by.model.name);
+            acct.backend = Arc::clone(&backend.name);
+            acct.price = Some(by.model.price);
+            Ok((served, by))
+        }
+        Err((e, wait)) => {
+            let status = e.status().as_u16();
+            let mut resp = e.into_response_for(req.format);
+            let model = chain.first().map_or("", |m| m.name.as_str());
+            set_common(
+                &mut resp,
+                model,
+                "none",
+                acct.start().elapsed().saturating_sub(wait),
+            );
+            resp.extensions_mut()
+                .insert(crate::overhead::UpstreamWait(wait));
+            acct.finish(status, crate::translate::Usage::default());
+            Err(resp)
+        }
+    }
+}
+
 /// `x-parley-model`, `x-parley-backend` and `x-parley-overhead-ms`.
 pub fn set_common(resp: &mut Response, model: &str, backend: &str, overhead: Duration) {
     let h = resp.headers_mut();

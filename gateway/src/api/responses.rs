@@ -34,7 +34,7 @@ use crate::cache;
 use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::metrics::{ModelLabel, ResultLabel};
 use crate::overhead::UpstreamWait;
-use crate::proxy::{self, ClientRequest, Served, StreamStart};
+use crate::proxy::{ClientRequest, Served, StreamStart};
 use crate::runtime::{Model, Runtime};
 use crate::state::AppState;
 use crate::store::Store;
@@ -337,28 +337,21 @@ async fn exchange(
 ) -> Response {
     let start = acct.start();
     let tenant = &rt.tenants[ti];
-    let routed = proxy::route_with(&state, tenant, &chain, &req, passthrough_body.as_ref()).await;
+    let routed = super::call_upstream(
+        &state,
+        tenant,
+        &chain,
+        &req,
+        passthrough_body.as_ref(),
+        &mut acct,
+    )
+    .await;
     let (served, by) = match routed {
         Ok(x) => x,
-        Err((e, wait)) => {
-            let status = e.status().as_u16();
-            let mut resp = e.into_response_for(ApiFormat::OpenAi);
-            set_common(
-                &mut resp,
-                &model.name,
-                "none",
-                start.elapsed().saturating_sub(wait),
-            );
-            resp.extensions_mut().insert(UpstreamWait(wait));
-            acct.finish(status, Usage::default());
-            return resp;
-        }
+        Err(resp) => return resp,
     };
     let backend = &by.model.backends[by.backend];
     let passthrough = passthrough_body.is_some() && backend.responses_url.is_some();
-    acct.model = Arc::clone(&by.model.name);
-    acct.backend = Arc::clone(&backend.name);
-    acct.price = Some(by.model.price);
     let mut resp = match served {
         Served::Full { body, usage } => {
             let mut response = if passthrough {
