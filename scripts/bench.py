@@ -29,6 +29,45 @@ BODY = json.dumps({"model": "gpt-4o", "max_tokens": 16,
 PROCESSES: list[subprocess.Popen] = []
 
 
+def nginx_conf(work: pathlib.Path, mock_port: int, nginx_port: int, head: str = "") -> str:
+    """A bare nginx `proxy_pass` to the mock (one worker, upstream keepalive, no log)."""
+    return f"""{head}
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/nginx-body;
+  proxy_temp_path {work}/nginx-proxy;
+  upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{nginx_port};
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def write_section(title: str, lines: list[str]) -> None:
+    """Replaces (or appends) the `## ` section `title` of BENCHMARKS.md by `lines`."""
+    path = REPO / "BENCHMARKS.md"
+    existing = path.read_text().splitlines() if path.exists() else []
+    start_i = next((i for i, l in enumerate(existing) if l.strip() == title), None)
+    if start_i is None:
+        out = existing + ([""] if existing else []) + lines
+    else:
+        end_i = next((i for i in range(start_i + 1, len(existing)) if existing[i].startswith("## ")), len(existing))
+        out = existing[:start_i] + lines + ([""] + existing[end_i:] if end_i < len(existing) else [])
+    path.write_text("\n".join(out) + "\n")
+    print("\n".join(lines))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,27 +154,7 @@ def main() -> int:
           work / "mock.log")
     wait_http(f"http://127.0.0.1:{mock_port}/healthz")
 
-    (work / "nginx.conf").write_text(f"""
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/nginx-body;
-  proxy_temp_path {work}/nginx-proxy;
-  upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{nginx_port};
-    location / {{
-      proxy_pass http://mock;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }}
-  }}
-}}
-""")
+    (work / "nginx.conf").write_text(nginx_conf(work, mock_port, nginx_port))
     start(["nginx", "-c", work / "nginx.conf", "-g", "daemon off;"], work / "nginx.log")
 
     (work / "gateway.yaml").write_text(f"""
@@ -338,16 +357,7 @@ tenants:
         f"- Redis: {redis_cpu / n * 1e6:.1f} µs of redis-server CPU and {commands / n:.2f} commands per request; "
         + "; ".join(cmd_lines),
     ]
-    path = REPO / "BENCHMARKS.md"
-    existing = path.read_text().splitlines() if path.exists() else []
-    start_i = next((i for i, l in enumerate(existing) if l.strip() == REDIS_SECTION), None)
-    if start_i is None:
-        out = existing + ([""] if existing else []) + lines
-    else:
-        end_i = next((i for i in range(start_i + 1, len(existing)) if existing[i].startswith("## ")), len(existing))
-        out = existing[:start_i] + lines + ([""] + existing[end_i:] if end_i < len(existing) else [])
-    path.write_text("\n".join(out) + "\n")
-    print("\n".join(lines))
+    write_section(REDIS_SECTION, lines)
 
 
 def redis_only() -> int:

@@ -56,24 +56,7 @@ def main() -> int:
     bench.start([bench.RELEASE / "parley-mock-llm", "--listen", f"127.0.0.1:{mock_port}", "--reply-tokens", "16"],
                 work / "mock.log")
     bench.wait_http(f"http://127.0.0.1:{mock_port}/healthz")
-    (work / "nginx.conf").write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/nginx-body;
-  proxy_temp_path {work}/nginx-proxy;
-  upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{nginx_port};
-    location / {{ proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }}
-  }}
-}}
-""")
+    (work / "nginx.conf").write_text(bench.nginx_conf(work, mock_port, nginx_port, head="daemon off;\nmaster_process off;"))
     # The gateway config of `make bench`, in a directory of its own (the gateway watches
     # its config's directory; callgrind's output files must not be there).
     (work / "gw").mkdir()
@@ -119,16 +102,7 @@ tenants:
         "",
         f"- parley-gateway executes **{gateway / nginx:.2f}x** nginx's instructions per request",
     ]
-    path = bench.REPO / "BENCHMARKS.md"
-    existing = path.read_text().splitlines() if path.exists() else []
-    start_i = next((i for i, l in enumerate(existing) if l.strip() == SECTION), None)
-    if start_i is None:
-        out = existing + ([""] if existing else []) + lines
-    else:
-        end_i = next((i for i in range(start_i + 1, len(existing)) if existing[i].startswith("## ")), len(existing))
-        out = existing[:start_i] + lines + ([""] + existing[end_i:] if end_i < len(existing) else [])
-    path.write_text("\n".join(out) + "\n")
-    print("\n".join(lines))
+    bench.write_section(SECTION, lines)
     return 0
 
 
