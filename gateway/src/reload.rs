@@ -156,6 +156,25 @@ fn swap_in(state: &AppState, last_failure: &mut Option<String>) -> Option<Arc<Ru
     }
 }
 
+/// What a poll compares: device, inode, size and modification time of the config file
+/// and of every secret file the running config reads (following symlinks: Kubernetes
+/// swapping a volume's `..data` link changes them all).
+type Fingerprint = Vec<Option<(u64, u64, u64, i64, i64)>>;
+
+fn fingerprint(state: &AppState) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    let rt = state.runtime.load();
+    let base = runtime::secrets_base(&rt.config, &state.config_path);
+    std::iter::once(state.config_path.clone())
+        .chain(runtime::secret_files(&rt.config, &base))
+        .map(|path| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect()
+}
+
 /// Watches until `shutdown`.
 pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Duration) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -199,33 +218,48 @@ pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Dura
     let mut retired: Vec<Arc<Runtime>> = Vec::new();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<Fingerprint> = None;
     loop {
-        tokio::select! {
+        let polled = tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => true,
             Some(()) = rx.recv() => {
                 // Let a burst of events (a symlink swap is several) settle.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while rx.try_recv().is_ok() {}
+                false
             }
-        }
+        };
         let st = Arc::clone(&state);
         let lf = last_failure.take();
         let mut old = std::mem::take(&mut retired);
+        let last_seen = seen.take();
         let result = tokio::task::spawn_blocking(move || {
             let mut lf = lf;
+            // Taken before reading, so that a change during the load is seen next time.
+            let now = fingerprint(&st);
+            // A poll that finds every file as it was has nothing to load (parsing a big
+            // config every few seconds would burn CPU for nothing). While the last
+            // config was refused, each poll retries: what it waits for may be a secret
+            // file the running config does not name.
+            if polled && lf.is_none() && last_seen.as_ref() == Some(&now) {
+                return (false, lf, old, Some(now));
+            }
             let replaced = swap_in(&st, &mut lf);
             let changed = replaced.is_some();
             old.extend(replaced);
             old.retain(|rt| Arc::strong_count(rt) > 1);
-            (changed, lf, old)
+            (changed, lf, old, Some(now))
         })
         .await;
-        if let Ok((changed, lf, old)) = result {
+        if let Ok((changed, lf, old, now)) = result {
             last_failure = lf;
             retired = old;
+            seen = now;
             if changed {
                 rewatch(&mut watcher, &state);
+                // The new config may read other secret files.
+                seen = None;
             }
         }
     }
