@@ -216,7 +216,8 @@ pub async fn watch(state: Arc<AppState>, shutdown: CancellationToken, poll: Dura
     // thousands of keys) takes milliseconds: done here, on a blocking thread, once no
     // request holds it, rather than by whichever request lets go of it last.
     let mut retired: Vec<Arc<Runtime>> = Vec::new();
-    let mut ticker = tokio::time::interval(poll);
+    // The config was just loaded: the first poll comes one period later.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen: Option<Fingerprint> = None;
     loop {
