@@ -188,6 +188,9 @@ def test_endpoints_refuse_the_other_kind(setup):
     assert "/v1/messages serves chat models only" in r.json()["error"]["message"]
     r = gw.post("/chat", {"session_id": "s1", "model": EMBED, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "/chat serves chat models only" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=EMBED, input="hi")
+    assert "/v1/responses serves chat models only" in e.value.message
     # No model: the default is a chat model, so the embeddings endpoint asks for one.
     r = gw.post("/v1/embeddings", {"input": "hi"})
     assert r.status_code == 400 and "`model` is required" in r.json()["error"]["message"]
