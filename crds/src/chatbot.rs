@@ -144,7 +144,9 @@ pub struct PodDisruptionBudgetSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// Secret key holding the Redis URL (`redis://` or `rediss://`, credentials included).
+    /// Secret key holding the Redis URL (`redis://` or `rediss://`, or `redis+cluster://` /
+    /// `rediss+cluster://` with comma-separated seed nodes for Redis Cluster; credentials
+    /// included).
     pub url_secret_ref: SecretKeyRef,
 }
 
