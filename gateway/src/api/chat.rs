@@ -14,8 +14,8 @@ use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Ctx, MAX_MESSAGES, admit, admit_caller, json_response, outlive_client, parse_object, read_body,
-    resolve_model, set_common,
+    Ctx, MAX_MESSAGES, admit, json_response, outlive_client, parse_object, resolve_model,
+    set_common,
 };
 use crate::accounting::Accounting;
 use crate::error::{ApiError, ApiFormat, ErrorKind};
@@ -52,11 +52,8 @@ fn json_len(v: &Value) -> usize {
 
 async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     // Who is calling, from the headers alone: an unknown client's body is never read.
-    let mut body = Some(body);
-    let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
+    let (rt, ti, bytes) = super::caller_and_body(ctx, &headers, body).await?;
     let tenant = &rt.tenants[ti];
-    let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let input = parse_chat(parse_object(&bytes)?, &rt.config.default_model)?;
     let (model, chain) = resolve_model(&rt, tenant, &input.model, ctx)?;
     super::require_kind(&model, ModelKind::Chat, "/chat")?;

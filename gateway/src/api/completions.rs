@@ -11,8 +11,8 @@ use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Ctx, MAX_MESSAGES, admit, admit_caller, json_response, outlive_client, parse_object, read_body,
-    requested_max_tokens, resolve_model, set_common,
+    Ctx, MAX_MESSAGES, admit, json_response, outlive_client, parse_object, requested_max_tokens,
+    resolve_model, set_common,
 };
 use crate::accounting::Accounting;
 use crate::cache;
@@ -50,11 +50,8 @@ pub async fn messages(
 async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let format = ctx.format;
     // Who is calling, from the headers alone: an unknown client's body is never read.
-    let mut body = Some(body);
-    let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
+    let (rt, ti, bytes) = super::caller_and_body(ctx, &headers, body).await?;
     let tenant = &rt.tenants[ti];
-    let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let mut body = parse_object(&bytes)?;
     check_messages(&body)?;
     let model_name = match body.get("model") {

@@ -15,8 +15,8 @@ use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 
 use super::{
-    Ctx, admit, admit_caller, json_response, outlive_client, parse_object, read_body, require_kind,
-    resolve_model, set_common,
+    Ctx, admit, json_response, outlive_client, parse_object, require_kind, resolve_model,
+    set_common,
 };
 use crate::accounting::Accounting;
 use crate::error::{ApiError, ApiFormat};
@@ -44,11 +44,8 @@ pub async fn embeddings(
 }
 
 async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let mut body = Some(body);
-    let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
+    let (rt, ti, bytes) = super::caller_and_body(ctx, &headers, body).await?;
     let tenant = &rt.tenants[ti];
-    let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let body = parse_object(&bytes)?;
     // No default model here: `defaultModel` is a chat model.
     let model_name = match body.get("model") {

@@ -185,6 +185,20 @@ pub async fn admit_caller(
     Err(refused)
 }
 
+/// Who is calling, from the headers alone (an unknown client's body is never read), then
+/// its request's body, read up to that tenant's `maxBodyBytes` (see [`read_body`]).
+pub async fn caller_and_body(
+    ctx: &mut Ctx,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Arc<Runtime>, usize, Bytes), ApiError> {
+    let mut body = Some(body);
+    let (rt, ti) = admit_caller(ctx, headers, &mut body).await?;
+    let limit = rt.tenants[ti].max_body_bytes;
+    let bytes = read_body(ctx, headers, body.unwrap_or_default(), limit).await?;
+    Ok((rt, ti, bytes))
+}
+
 /// Reads the body up to `limit` bytes; a larger body is drained (up to a bound) and
 /// answered with 413, so the client reads the answer rather than a reset. Called only
 /// once the client is authenticated.

@@ -26,8 +26,8 @@ use serde_json::{Map, Value, json};
 
 use super::completions::apply_system_prompt;
 use super::{
-    Ctx, admit, admit_caller, authenticate, json_response, outlive_client, parse_object, read_body,
-    resolve_model, set_common,
+    Ctx, admit, authenticate, json_response, outlive_client, parse_object, resolve_model,
+    set_common,
 };
 use crate::accounting::Accounting;
 use crate::cache;
@@ -78,11 +78,8 @@ fn not_stored(id: &str) -> ApiError {
 
 async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     // Who is calling, from the headers alone: an unknown client's body is never read.
-    let mut body = Some(body);
-    let (rt, ti) = admit_caller(ctx, &headers, &mut body).await?;
+    let (rt, ti, bytes) = super::caller_and_body(ctx, &headers, body).await?;
     let tenant = &rt.tenants[ti];
-    let body = body.unwrap_or_default();
-    let bytes = read_body(ctx, &headers, body, tenant.max_body_bytes).await?;
     let mut req = parse_object(&bytes)?;
     let model_name = match req.get("model") {
         None | Some(Value::Null) => rt.config.default_model.clone(),
