@@ -645,34 +645,37 @@ impl GatewayConfig {
     /// Parses a YAML document (version, shape, types, unknown fields) without the
     /// consistency checks of [`GatewayConfig::problems`].
     pub fn from_yaml_unchecked(text: &str) -> Result<Self, ConfigError> {
+        // The typed parse alone on the way that matters (a config with tens of thousands
+        // of tenants is read on every reload); the generic tree only to explain a refusal.
+        let error = match serde_yaml::from_str::<Self>(text) {
+            Ok(config) if config.api_version == API_VERSION => return Ok(config),
+            Ok(config) => {
+                return Err(ConfigError::ApiVersion {
+                    found: config.api_version,
+                });
+            }
+            Err(e) => e.to_string(),
+        };
         let value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         match value.get("apiVersion").and_then(|v| v.as_str()) {
             Some(API_VERSION) => {}
-            Some(other) => {
+            found => {
                 return Err(ConfigError::ApiVersion {
-                    found: other.to_string(),
-                });
-            }
-            None => {
-                return Err(ConfigError::ApiVersion {
-                    found: String::new(),
+                    found: found.unwrap_or_default().to_string(),
                 });
             }
         }
-        serde_yaml::from_str(text).map_err(|e| {
-            // serde stops at the first unknown field: name them all, then whatever else
-            // serde found.
-            let error = e.to_string();
-            let mut problems = unknown_fields(&value);
-            if problems.is_empty() {
-                return ConfigError::Parse(error);
-            }
-            if !error.contains("unknown field") {
-                problems.push(error);
-            }
-            ConfigError::Invalid(problems)
-        })
+        // serde stops at the first unknown field: name them all, then whatever else serde
+        // found.
+        let mut problems = unknown_fields(&value);
+        if problems.is_empty() {
+            return Err(ConfigError::Parse(error));
+        }
+        if !error.contains("unknown field") {
+            problems.push(error);
+        }
+        Err(ConfigError::Invalid(problems))
     }
 
     /// Serialises to YAML: the exact text the operator puts in the ConfigMap.
@@ -1105,6 +1108,20 @@ models:
         let text = MINIMAL.replace("gateway/v1", "gateway/v9");
         let err = GatewayConfig::from_yaml(&text).unwrap_err().to_string();
         assert!(err.contains("gateway/v9"), "{err}");
+        // A version from elsewhere is named before the shape it does not share with ours.
+        let err = GatewayConfig::from_yaml("apiVersion: v2\nroutes: []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unsupported apiVersion \"v2\""), "{err}");
+        let err =
+            GatewayConfig::from_yaml(&MINIMAL.replace("apiVersion: parley.dev/gateway/v1", ""))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("unsupported apiVersion \"\""), "{err}");
+        let err = GatewayConfig::from_yaml("models: [")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid GatewayConfig:"), "{err}");
     }
 
     #[test]
