@@ -57,8 +57,9 @@ def operator_container(docs) -> dict:
         ["--set", "watchNamespace=team-a", "--set", "leaderElection.enabled=false", "--set", "replicas=1"],
         ["--set", "serviceMonitor.enabled=true"],
         ["--set", "grafanaDashboard.enabled=true", "--set", "prometheusRule.enabled=true"],
+        ["--set", "rbac.secretWritePolicy=true"],
     ],
-    ids=["defaults", "one-namespace-no-leader-election", "service-monitor", "dashboard-and-rules"],
+    ids=["defaults", "one-namespace-no-leader-election", "service-monitor", "dashboard-and-rules", "secret-write-policy"],
 )
 def test_helm_lint_strict(helm, overrides):
     result = run_helm(helm, "lint", "--strict", CHART, "-n", NAMESPACE, *overrides)
@@ -104,6 +105,28 @@ def test_cluster_role_rules_equal_config_rbac(helm):
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
     ]
+
+
+def test_secret_write_policy_is_config_rbac_aimed_at_the_release(helm, tmp_path):
+    assert not [d for d in template(helm) if d["kind"].startswith("ValidatingAdmissionPolicy")]
+    docs = template(helm, "--set", "rbac.secretWritePolicy=true", "--set", "serviceAccount.name=ops")
+    policy, binding = one(docs, "ValidatingAdmissionPolicy"), one(docs, "ValidatingAdmissionPolicyBinding")
+    expected_policy, expected_binding = yaml.safe_load_all((REPO / "config/rbac/secret_write_policy.yaml").read_text())
+    # The same rules as the file the operator tests run under; only the user is this release's.
+    for field in ("failurePolicy", "matchConstraints", "variables", "validations"):
+        assert policy["spec"][field] == expected_policy["spec"][field], field
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == f"request.userInfo.username == 'system:serviceaccount:{NAMESPACE}:ops'"
+    assert binding["spec"] == {**expected_binding["spec"], "policyName": policy["metadata"]["name"]}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump_all([policy, binding]))
+    result = subprocess.run(
+        [BIN / "kubernetes-validate", "--strict", "-k", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 2, result.stdout
 
 
 def test_deployment_runs_the_operator_restricted(helm):
