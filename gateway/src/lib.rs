@@ -194,9 +194,10 @@ pub async fn run(
     ));
     let st = Arc::clone(&state);
     let sd = shutdown.clone();
-    tokio::spawn(async move {
+    let draining_since = tokio::spawn(async move {
         sd.cancelled().await;
         server::start_draining(&st);
+        std::time::Instant::now()
     });
     server::serve(
         chat,
@@ -205,6 +206,23 @@ pub async fn run(
         opts.drain,
     )
     .await;
+    // Exchanges whose clients left are not connections: the drain above did not wait for
+    // them. They get what is left of the drain, then their rows are flushed below.
+    let since = draining_since
+        .await
+        .unwrap_or_else(|_| std::time::Instant::now());
+    let outliving = &api::OUTLIVING;
+    outliving.close();
+    if !outliving.is_empty()
+        && tokio::time::timeout(opts.drain.saturating_sub(since.elapsed()), outliving.wait())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            exchanges = outliving.len(),
+            "drain deadline passed; exchanges whose clients went away are cut short unsettled"
+        );
+    }
     // Rows of the last requests reach the ledger before the process ends (bounded).
     if let Some(ledger) = state.runtime.load().ledger.clone() {
         ledger.flush(Duration::from_secs(5)).await;

@@ -396,6 +396,12 @@ pub fn require_kind(model: &Model, kind: ModelKind, endpoint: &str) -> Result<()
     )))
 }
 
+/// Exchanges (and streams) still running after their client went away, for what the
+/// upstream generates to be settled and recorded: shutdown waits for them (within the
+/// drain) before it flushes the ledger, so their usage is not lost with the process.
+pub static OUTLIVING: std::sync::LazyLock<tokio_util::task::TaskTracker> =
+    std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
+
 /// Runs the upstream exchange `work` so that it (and the accounting it owns) completes
 /// even if the client goes away: it is polled right here while the client waits (no
 /// extra task, no hand-off between threads on the common path), and if this handler is
@@ -414,10 +420,13 @@ where
             if let Some(rest) = self.0.take()
                 && let Ok(handle) = tokio::runtime::Handle::try_current()
             {
-                handle.spawn(async move {
-                    // The client is gone: the answer is dropped, the accounting is done.
-                    drop(rest.await);
-                });
+                OUTLIVING.spawn_on(
+                    async move {
+                        // The client is gone: the answer is dropped, the accounting is done.
+                        drop(rest.await);
+                    },
+                    &handle,
+                );
             }
         }
     }

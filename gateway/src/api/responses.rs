@@ -625,14 +625,17 @@ impl Drop for Guard {
         // and store the response so the conversation can still be continued.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(async move {
-                    let mut sink = BytesMut::new();
-                    while advance(&mut s, &mut mode, &mut sink).await {
-                        sink.clear();
-                    }
-                    saver.save(&mode).await;
-                    settle(&s, &mode, &mut acct, 499);
-                });
+                super::OUTLIVING.spawn_on(
+                    async move {
+                        let mut sink = BytesMut::new();
+                        while advance(&mut s, &mut mode, &mut sink).await {
+                            sink.clear();
+                        }
+                        saver.save(&mode).await;
+                        settle(&s, &mode, &mut acct, 499);
+                    },
+                    &handle,
+                );
             }
             Err(_) => settle(&s, &mode, &mut acct, 499),
         }

@@ -93,14 +93,17 @@ impl Drop for StreamGuard {
         // The client went away: read the rest (up to the deadline) for the real usage.
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(async move {
-                    let mut sink = BytesMut::new();
-                    while advance(&mut s, &mut sink).await {
-                        sink.clear();
-                    }
-                    let usage = usage_of(&s);
-                    acct.finish(499, usage);
-                });
+                super::OUTLIVING.spawn_on(
+                    async move {
+                        let mut sink = BytesMut::new();
+                        while advance(&mut s, &mut sink).await {
+                            sink.clear();
+                        }
+                        let usage = usage_of(&s);
+                        acct.finish(499, usage);
+                    },
+                    &handle,
+                );
             }
             Err(_) => {
                 let usage = usage_of(&s);
