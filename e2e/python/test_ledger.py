@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import time
@@ -285,3 +286,28 @@ def test_a_client_that_goes_away_mid_stream_gets_its_row_with_what_was_generated
     assert status == "499" and stream == "t"
     assert int(out) == stats["completion_tokens_total"] > 0
     assert int(micros) > 0
+
+
+def test_sigterm_waits_for_a_stream_whose_client_left_and_keeps_its_row(start_mock, start_gateway, shared_pg):
+    # The client hangs up, then the gateway is told to stop at once: the rest of the
+    # upstream stream is still read (it is not a connection the drain would wait for),
+    # and its row reaches the ledger before the process exits.
+    mock = start_mock()
+    mock.config(reply_tokens=30, tokens_per_second=20)
+    gw = start_gateway(ledger_doc(mock, shared_pg), "--drain-seconds", "20")
+    with httpx.Client(timeout=10) as c:
+        with c.stream("POST", f"{gw.url}/v1/chat/completions", json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "long"}]},
+                      headers={"authorization": f"Bearer {TENANT_KEY}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())
+    time.sleep(0.2)
+    started = time.monotonic()
+    gw.proc.signal(signal.SIGTERM)
+    assert gw.proc.popen.wait(timeout=15) == 0
+    # It waited for the upstream (30 tokens at 20/s), not for the whole drain.
+    assert 0.5 < time.monotonic() - started < 10
+    stats = mock.stats()
+    assert stats["streams_completed"] == 1 and stats["streams_cancelled"] == 0, stats
+    status, out = shared_pg.sql("SELECT status, output_tokens FROM parley_usage")[0]
+    assert status == "499"
+    assert int(out) == stats["completion_tokens_total"] == 30
