@@ -1,7 +1,6 @@
 //! `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -11,13 +10,13 @@ use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Ctx, MAX_MESSAGES, admit, json_response, outlive_client, parse_object, requested_max_tokens,
-    resolve_model, set_common,
+    Ctx, MAX_MESSAGES, admit, fresh_answer, json_response, observe_ttft, outlive_client,
+    parse_object, requested_max_tokens, resolve_model, set_common,
 };
 use crate::accounting::Accounting;
 use crate::cache;
 use crate::error::{ApiError, ApiFormat};
-use crate::metrics::{ModelLabel, ResultLabel};
+use crate::metrics::ResultLabel;
 use crate::overhead::UpstreamWait;
 use crate::proxy::{ClientRequest, Served};
 use crate::runtime::{Model, Runtime};
@@ -170,37 +169,21 @@ async fn exchange(
     let overhead = start.elapsed().saturating_sub(by.upstream_wait);
     let mut resp = match served {
         Served::Full { body, usage } => {
-            if let (Some(key), Some(c)) = (cache_key, &model.config.cache) {
-                let entry = cache::Entry {
-                    body: body.clone(),
-                    model: Arc::clone(&by.model.name),
-                    backend: Arc::clone(&backend.name),
-                    usage,
-                };
-                Store::of(&state, &rt).cache_put(
-                    &tenant.id,
-                    key,
-                    entry,
-                    Duration::from_secs(c.ttl_seconds),
-                );
-            }
-            let mut resp = json_response(body);
+            let mut resp = fresh_answer(
+                &Store::of(&state, &rt),
+                tenant,
+                &model,
+                cache_key,
+                (&by.model.name, &backend.name),
+                body,
+                usage,
+                &mut acct,
+            );
             set_common(&mut resp, &by.model.name, &backend.name, overhead);
-            if cache_key.is_some() {
-                resp.headers_mut()
-                    .insert("x-parley-cache", HeaderValue::from_static("miss"));
-            }
-            acct.finish(200, usage);
             resp
         }
         Served::Stream(start_state) => {
-            state
-                .metrics
-                .ttft
-                .get_or_create(&ModelLabel {
-                    model: Arc::clone(&by.model.name),
-                })
-                .observe(start.elapsed().as_secs_f64());
+            observe_ttft(&state, &by.model.name, start);
             let mut resp = super::stream::response(*start_state, acct);
             set_common(&mut resp, &by.model.name, &backend.name, overhead);
             resp

@@ -34,6 +34,8 @@ pub use crate::admission::{admit, authenticate, requested_max_tokens};
 use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::runtime::{Model, Runtime, Tenant};
 use crate::state::AppState;
+use crate::store::Store;
+use crate::translate::Usage;
 
 /// Most messages accepted in one request.
 pub const MAX_MESSAGES: usize = 10_000;
@@ -394,6 +396,49 @@ pub fn require_kind(model: &Model, kind: ModelKind, endpoint: &str) -> Result<()
         model.config.kind.with_article(),
         kind.as_str(),
     )))
+}
+
+/// A full answer fresh from the upstream: put in the response cache when the request is
+/// cacheable (`cache_key`: the model caches and the request is deterministic) and then
+/// marked `x-parley-cache: miss`; its accounting is finished.
+#[allow(clippy::too_many_arguments)]
+pub fn fresh_answer(
+    store: &Store,
+    tenant: &Tenant,
+    model: &Model,
+    cache_key: Option<[u8; 32]>,
+    served_by: (&Arc<String>, &Arc<String>),
+    body: Bytes,
+    usage: Usage,
+    acct: &mut Accounting,
+) -> Response {
+    if let (Some(key), Some(c)) = (cache_key, &model.config.cache) {
+        let entry = crate::cache::Entry {
+            body: body.clone(),
+            model: Arc::clone(served_by.0),
+            backend: Arc::clone(served_by.1),
+            usage,
+        };
+        store.cache_put(&tenant.id, key, entry, Duration::from_secs(c.ttl_seconds));
+    }
+    let mut resp = json_response(body);
+    if cache_key.is_some() {
+        resp.headers_mut()
+            .insert("x-parley-cache", HeaderValue::from_static("miss"));
+    }
+    acct.finish(200, usage);
+    resp
+}
+
+/// Time to the first byte of a stream from the request's arrival, per served model.
+pub fn observe_ttft(state: &AppState, model: &Arc<String>, since: Instant) {
+    state
+        .metrics
+        .ttft
+        .get_or_create(&crate::metrics::ModelLabel {
+            model: Arc::clone(model),
+        })
+        .observe(since.elapsed().as_secs_f64());
 }
 
 /// Exchanges (and streams) still running after their client went away, for what the

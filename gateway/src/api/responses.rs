@@ -26,13 +26,13 @@ use serde_json::{Map, Value, json};
 
 use super::completions::apply_system_prompt;
 use super::{
-    Ctx, admit, authenticate, json_response, outlive_client, parse_object, resolve_model,
-    set_common,
+    Ctx, admit, authenticate, fresh_answer, json_response, observe_ttft, outlive_client,
+    parse_object, resolve_model, set_common,
 };
 use crate::accounting::Accounting;
 use crate::cache;
 use crate::error::{ApiError, ApiFormat, ErrorKind};
-use crate::metrics::{ModelLabel, ResultLabel};
+use crate::metrics::ResultLabel;
 use crate::overhead::UpstreamWait;
 use crate::proxy::{ClientRequest, Served, StreamStart};
 use crate::runtime::{Model, Runtime};
@@ -377,32 +377,19 @@ async fn exchange(
                 acct.finish(status, usage);
                 return resp;
             }
-            let out = Bytes::from(response.to_string());
-            if let (Some(key), Some(c)) = (cache_key, &model.config.cache) {
-                let entry = cache::Entry {
-                    body: out.clone(),
-                    model: Arc::clone(&by.model.name),
-                    backend: Arc::clone(&backend.name),
-                    usage,
-                };
-                store.cache_put(&tenant.id, key, entry, Duration::from_secs(c.ttl_seconds));
-            }
-            let mut resp = json_response(out);
-            if cache_key.is_some() {
-                resp.headers_mut()
-                    .insert("x-parley-cache", HeaderValue::from_static("miss"));
-            }
-            acct.finish(200, usage);
-            resp
+            fresh_answer(
+                &store,
+                tenant,
+                &model,
+                cache_key,
+                (&by.model.name, &backend.name),
+                Bytes::from(response.to_string()),
+                usage,
+                &mut acct,
+            )
         }
         Served::Stream(s) => {
-            state
-                .metrics
-                .ttft
-                .get_or_create(&ModelLabel {
-                    model: Arc::clone(&by.model.name),
-                })
-                .observe(start.elapsed().as_secs_f64());
+            observe_ttft(&state, &by.model.name, start);
             let mode = if passthrough {
                 Mode::Passthrough(ResponsesWatch::default())
             } else {
