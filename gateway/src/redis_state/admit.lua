@@ -1,4 +1,4 @@
--- parley:v1 admit (a batch of decisions, each in turn)
+-- parley:v1 admit (pending settles, then a batch of decisions, each in turn)
 local t = redis.call('TIME')
 local secs = tonumber(t[1])
 local now = secs * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -29,9 +29,15 @@ local ny, nm = y, m + 1
 if nm > 12 then ny, nm = y + 1, 1 end
 local month_left = days_from_civil(ny, nm) * 86400 - secs
 local member = ARGV[1]
-local nreq = tonumber(ARGV[2])
--- Per key (index into KEYS): its state read once per batch, and what admitted requests
--- of this batch add to it (written once at the end).
+-- Checks: {KEYS index, kind, limit, width, slots}, shared by the requests of the batch.
+local nspec = tonumber(ARGV[2])
+local spec = {}
+for j = 1, nspec do
+  local a = 3 + (j - 1) * 5
+  spec[j] = {tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])}
+end
+-- Per key (index into KEYS): its state read once per batch, and what settles and admitted
+-- requests of this batch add to it (written once at the end).
 local state = {}
 local function load(ki, kind, width, slots)
   local st = state[ki]
@@ -44,10 +50,14 @@ local function load(ki, kind, width, slots)
   elseif kind == 'S' then
     -- Fields: one per sub-window index, plus 's' (their sum) and 'lo' (no index below it
     -- is present). Usually only the sub-windows that just left are read and removed.
-    local first = floor(now / width) - slots + 1
-    local meta = redis.call('HMGET', key, 's', 'lo')
+    local cur = floor(now / width)
+    local first = cur - slots + 1
+    local meta = redis.call('HMGET', key, 's', 'lo', cur)
     local sum, lo = tonumber(meta[1] or '0'), tonumber(meta[2] or first)
+    st.cur, st.first = cur, first
+    st.curv, st.curnew = tonumber(meta[3] or '0'), not meta[3]
     if lo < first then
+      st.dirty = true
       if first - lo > slots then
         sum = 0
         local h = redis.call('HGETALL', key)
@@ -66,21 +76,74 @@ local function load(ki, kind, width, slots)
           end
         end
       end
-      redis.call('HSET', key, 's', sum, 'lo', first)
     end
     st.sum = sum
   else
-    st.spent = tonumber(redis.call('GET', key .. ':' .. month) or '0')
+    local v = redis.call('GET', key .. ':' .. month)
+    st.exists = v and true or false
+    st.spent = tonumber(v or '0')
   end
   state[ki] = st
   return st
 end
--- The first check of `r` that refuses it: {0, check, retry_ms, spent}, or nil.
+-- Settles (summed by the client), before the decisions: they happened first. Each:
+-- number of token keys, their KEYS indices, budget KEYS index (0: none), slot, token
+-- delta, month, cost delta, slot width, slots. As settle.lua: a slot that has left the
+-- window is not touched, a slot never goes below zero, a budget counter is only changed
+-- while it exists.
+local p = 3 + nspec * 5
+local nsettle = tonumber(ARGV[p])
+p = p + 1
+for _ = 1, nsettle do
+  local nt = tonumber(ARGV[p])
+  local q = p + nt
+  local bki, slot, dt = tonumber(ARGV[q + 1]), tonumber(ARGV[q + 2]), tonumber(ARGV[q + 3])
+  local smonth, dc = tonumber(ARGV[q + 4]), tonumber(ARGV[q + 5])
+  local width, slots = tonumber(ARGV[q + 6]), tonumber(ARGV[q + 7])
+  if dt ~= 0 then
+    for i = 1, nt do
+      local ki = tonumber(ARGV[p + i])
+      local st = load(ki, 'S', width, slots)
+      if slot == st.cur then
+        if not st.curnew then
+          local d = dt
+          if st.curv + st.add + d < 0 then d = -(st.curv + st.add) end
+          st.add = st.add + d
+        end
+      elseif slot >= st.first and slot < st.cur then
+        local v = redis.call('HGET', KEYS[ki], slot)
+        if v then
+          local d = dt
+          if tonumber(v) + d < 0 then d = -tonumber(v) end
+          if d ~= 0 then
+            redis.call('HINCRBY', KEYS[ki], slot, d)
+            st.sum = st.sum + d
+            st.dirty = true
+          end
+        end
+      end
+    end
+  end
+  if bki > 0 and dc ~= 0 then
+    if smonth == month then
+      local st = load(bki, 'B', 0, 0)
+      if st.exists then st.add = st.add + dc end
+    else
+      local k = KEYS[bki] .. ':' .. smonth
+      if redis.call('EXISTS', k) == 1 then redis.call('INCRBY', k, dc) end
+    end
+  end
+  p = q + 8
+end
+local nreq = tonumber(ARGV[p])
+p = p + 1
+-- The first check of a request (`n` checks of {spec, amount} from ARGV[p]) that refuses
+-- it: {0, check, retry_ms, spent}, or nil.
 local function refuse(p, n)
   for i = 1, n do
-    local a = p + (i - 1) * 6
-    local ki, kind = tonumber(ARGV[a]), ARGV[a + 1]
-    local limit, width, slots, amount = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+    local a = p + (i - 1) * 2
+    local sp, amount = spec[tonumber(ARGV[a])], tonumber(ARGV[a + 1])
+    local ki, kind, limit, width, slots = sp[1], sp[2], sp[3], sp[4], sp[5]
     local st = load(ki, kind, width, slots)
     if kind == 'L' then
       local count = st.count + #st.members
@@ -102,7 +165,7 @@ local function refuse(p, n)
         local retry = width * slots
         if amount <= limit then
           local live = {}
-          local cur = floor(now / width)
+          local cur = st.cur
           local h = redis.call('HGETALL', KEYS[ki])
           for j = 1, #h, 2 do
             local idx = tonumber(h[j])
@@ -112,7 +175,7 @@ local function refuse(p, n)
               live[#live + 1] = {idx, v}
             end
           end
-          if st.add > 0 and redis.call('HEXISTS', KEYS[ki], cur) == 0 then live[#live + 1] = {cur, st.add} end
+          if st.add > 0 and st.curnew then live[#live + 1] = {cur, st.add} end
           table.sort(live, function(x, y) return x[1] < y[1] end)
           local freed = 0
           for _, s in ipairs(live) do
@@ -135,7 +198,6 @@ local function refuse(p, n)
   return nil
 end
 local out = {now, month}
-local p = 3
 for r = 1, nreq do
   local n = tonumber(ARGV[p])
   p = p + 1
@@ -144,12 +206,12 @@ for r = 1, nreq do
     for _, v in ipairs(no) do out[#out + 1] = v end
   else
     for i = 1, n do
-      local a = p + (i - 1) * 6
-      local st = state[tonumber(ARGV[a])]
+      local a = p + (i - 1) * 2
+      local st = state[spec[tonumber(ARGV[a])][1]]
       if st.kind == 'L' then
         st.members[#st.members + 1] = member .. ':' .. r
       else
-        st.add = st.add + tonumber(ARGV[a + 5])
+        st.add = st.add + tonumber(ARGV[a + 1])
       end
     end
     out[#out + 1] = 1
@@ -157,8 +219,12 @@ for r = 1, nreq do
     out[#out + 1] = 0
     out[#out + 1] = 0
   end
-  p = p + n * 6
+  p = p + n * 2
 end
+-- One write per key. A sub-window hash gets its TTL when its current sub-window is first
+-- written: that covers every sub-window up to it (each leaves at most slots + 1 widths
+-- later), so later writes in the same sub-window need none. A budget counter gets its TTL
+-- (an absolute time: next month + 40 days) when it is created.
 for ki, st in pairs(state) do
   local key = KEYS[ki]
   if st.kind == 'L' then
@@ -175,18 +241,17 @@ for ki, st in pairs(state) do
       redis.call('PEXPIRE', key, st.width + 1000)
     end
   elseif st.kind == 'S' then
-    if st.add > 0 then
-      local idx = floor(now / st.width)
-      redis.call('HINCRBY', key, idx, st.add)
-      redis.call('HINCRBY', key, 's', st.add)
-      redis.call('HSETNX', key, 'lo', idx - st.slots + 1)
-      redis.call('PEXPIRE', key, st.width * st.slots + 1000)
+    if st.add ~= 0 then
+      redis.call('HSET', key, st.cur, st.curv + st.add, 's', st.sum + st.add, 'lo', st.first)
+      if st.curnew then redis.call('PEXPIRE', key, st.width * (st.slots + 1) + 1000) end
+    elseif st.dirty then
+      redis.call('HSET', key, 's', st.sum, 'lo', st.first)
     end
   else
-    if st.add > 0 then
+    if st.add ~= 0 then
       local k = key .. ':' .. month
       redis.call('INCRBY', k, st.add)
-      redis.call('EXPIRE', k, month_left + 40 * 86400)
+      if not st.exists then redis.call('EXPIRE', k, month_left + 40 * 86400) end
     end
   end
 end

@@ -8,8 +8,9 @@
 //!   (sorted sets; above 10 000 a minute, 1-second slots over 61 s), tokens per minute
 //!   count in 1-second slots over 61 s, hour and day limits in sixty sub-windows (hashes),
 //!   the budget in one integer micro-USD counter per calendar month (UTC). Every key
-//!   expires. Settling to real usage is one more script ([`SETTLE_LUA`]), run off the
-//!   request path.
+//!   expires. Settling to real usage happens off the request path: settles are summed
+//!   and ride along with the tenant's next admission script call, or, when none comes
+//!   within [`SETTLE_DELAY`], go out as one more script ([`SETTLE_LUA`]).
 //! - Sessions: one list per tenant and session; appending and trimming is one script.
 //! - Cache: one string per entry, `SET ... PX ttl`.
 //!
@@ -23,9 +24,9 @@
 //! from them, sends each script to the master of its keys' slot, follows MOVED/ASK and
 //! refreshes the map when a master fails over.
 
-use std::sync::Arc;
-use std::sync::LazyLock;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -47,10 +48,13 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
 /// Up to this limit a per-minute request limit keeps an exact log.
 const EXACT_LOG_MAX: u64 = 10_000;
 
-/// The admission script. ARGV: member, number of checks, then per check
-/// `kind limit width_ms slots amount` (kind `L` sliding log over `width_ms`, `S` `slots`
-/// sub-windows of `width_ms`, `B` monthly budget). KEYS: one per check (the budget key
-/// gets `:<month>` appended). Returns `{1, now_ms, month}` or
+/// The admission script: settles, then a batch of decisions in order. ARGV: member,
+/// number of specs, per spec `key_index kind limit width_ms slots` (kind `L` sliding log
+/// over `width_ms`, `S` `slots` sub-windows of `width_ms`, `B` monthly budget), number of
+/// settles, per settle `n key_index... budget_key_index slot token_delta month cost_delta
+/// width_ms slots`, number of requests, per request `n` then `n` times `spec amount`.
+/// KEYS: every key once (the budget key gets `:<month>` appended). Returns
+/// `{now_ms, month}` followed by four numbers per request: `{1, 0, 0, 0}` or
 /// `{0, check index, retry_ms, spent}`.
 pub const ADMIT_LUA: &str = include_str!("admit.lua");
 
@@ -140,24 +144,123 @@ pub struct Redis {
     last_warning: AtomicU64,
     /// Feeds the admission batcher (started on the first admission, see [`admit_batcher`]).
     admits: std::sync::OnceLock<tokio::sync::mpsc::Sender<AdmitJob>>,
-    /// Feeds the settle batcher (started on the first settle, see [`Redis::settle_later`]).
-    settles: std::sync::OnceLock<tokio::sync::mpsc::Sender<Settle>>,
+    /// Summed settles waiting for an admission of their tenant or for the flusher.
+    pending: SettleQueue,
+    /// Set once the settle flusher runs (started on the first settle, see
+    /// [`Redis::settle_later`]).
+    flusher: std::sync::OnceLock<()>,
 }
 
-/// A settle waiting for the batcher.
-struct Settle {
+/// The client's pending settles; dropping it (with the client) wakes the flusher, which
+/// sends what is still pending, then ends.
+#[derive(Default)]
+struct SettleQueue(Arc<PendingSettles>);
+
+impl std::ops::Deref for SettleQueue {
+    type Target = Arc<PendingSettles>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for SettleQueue {
+    fn drop(&mut self) {
+        self.0.wake.notify_one();
+    }
+}
+
+/// Settles not sent yet, summed per tenant (keys' hash tag), then per (keys, slot, month):
+/// a tenant has a handful of sums at a time, so finding one is a short scan.
+#[derive(Default)]
+struct PendingSettles {
+    inner: Mutex<PendingInner>,
+    /// Woken when the first sum arrives (and when the client is dropped).
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct PendingInner {
+    by_tag: HashMap<String, Vec<SettleSum>>,
+    len: usize,
+}
+
+/// The sum of settles of the same keys, slot and month.
+struct SettleSum {
     r: RedisReservation,
-    tokens: u64,
-    cost_micros: i64,
+    dt: i128,
+    dc: i64,
+}
+
+impl PendingSettles {
+    /// Adds a settle; `false` if too many sums are waiting (it is dropped).
+    fn add(&self, r: RedisReservation, dt: i128, dc: i64) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = inner.len == 0;
+        let full = inner.len >= SETTLE_QUEUE;
+        let sums = match inner.by_tag.get_mut(r.tag()) {
+            Some(sums) => sums,
+            None if full => return false,
+            None => inner.by_tag.entry(r.tag().to_string()).or_default(),
+        };
+        if let Some(s) = sums
+            .iter_mut()
+            .find(|s| s.r.slot == r.slot && s.r.month == r.month && s.r.same_keys(&r))
+        {
+            s.dt += dt;
+            s.dc = s.dc.saturating_add(dc);
+            return true;
+        }
+        if full {
+            return false;
+        }
+        sums.push(SettleSum { r, dt, dc });
+        inner.len += 1;
+        drop(inner);
+        if first {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// The sums of one tenant (they go with its admissions).
+    fn take(&self, tag: &str) -> Vec<SettleSum> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.len == 0 {
+            return Vec::new();
+        }
+        let sums = inner.by_tag.remove(tag).unwrap_or_default();
+        inner.len -= sums.len();
+        sums
+    }
+
+    fn take_all(&self) -> Vec<SettleSum> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.len = 0;
+        std::mem::take(&mut inner.by_tag)
+            .into_values()
+            .flatten()
+            .collect()
+    }
 }
 
 /// An admission waiting for the batcher.
 struct AdmitJob {
-    /// Its keys' hash tag (the tenant; the Chatbot is the same for every job of a client):
-    /// one script call per group, so in a cluster each goes to its slot's master.
-    group: String,
+    /// Never empty; all with one hash tag (the tenant).
     checks: Arc<Vec<Check>>,
     reply: tokio::sync::oneshot::Sender<Result<Decided, String>>,
+}
+
+impl AdmitJob {
+    /// Its keys' hash tag (the tenant; the Chatbot is the same for every job of a client):
+    /// one script call per tag, so in a cluster each goes to its slot's master.
+    fn tag(&self) -> &str {
+        self.checks.first().map_or("", |c| tag(&c.key))
+    }
+}
+
+/// A key up to the end of its hash tag.
+fn tag(key: &str) -> &str {
+    key.find('}').map_or(key, |i| &key[..=i])
 }
 
 /// The script's answer for one admission: `reply` is `[1, 0, 0, 0]` (admitted) or
@@ -173,10 +276,11 @@ const ADMIT_BATCH: usize = 512;
 /// Admissions waiting beyond this many are refused as if Redis were down.
 const ADMIT_QUEUE: usize = 16_384;
 
-/// Most settles one batch takes off the queue.
-const SETTLE_BATCH: usize = 1024;
-/// Settles waiting beyond this many (Redis slow or down) are dropped and counted as
-/// errors: settling only corrects a reservation, and memory must stay bounded.
+/// Longest a settle waits for an admission of its tenant to ride along with before it is
+/// sent on its own.
+pub const SETTLE_DELAY: Duration = Duration::from_millis(5);
+/// Distinct settle sums waiting beyond this many (Redis slow or down) are dropped and
+/// counted as errors: settling only corrects a reservation, and memory must stay bounded.
 const SETTLE_QUEUE: usize = 65_536;
 
 impl std::fmt::Debug for Redis {
@@ -192,8 +296,8 @@ impl std::fmt::Debug for Redis {
 /// What an admission reserved in Redis; hand it back to [`Redis::settle`].
 #[derive(Debug, Clone)]
 pub struct RedisReservation {
-    token_keys: Vec<String>,
-    budget_key: Option<String>,
+    /// The admission's checks (their keys), shared with it rather than copied.
+    checks: Arc<Vec<Check>>,
     slot: u64,
     admitted_ms: u64,
     month: i64,
@@ -201,6 +305,7 @@ pub struct RedisReservation {
     cost_micros: i64,
 }
 
+#[derive(Debug)]
 struct Check {
     key: String,
     kind: &'static str,
@@ -208,8 +313,49 @@ struct Check {
     width_ms: u64,
     slots: u64,
     amount: u64,
-    what: String,
-    unit: &'static str,
+    scope: Scope,
+}
+
+/// What a check limits: its refusal message is only written when it refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    SessionRpm,
+    TenantRpm,
+    TenantRph,
+    TenantRpd,
+    TenantTpm,
+    ModelRpm,
+    ModelTpm,
+    Budget,
+}
+
+impl Scope {
+    fn unit(self) -> &'static str {
+        match self {
+            Self::TenantTpm | Self::ModelTpm => "tokens",
+            Self::Budget => "usd",
+            _ => "requests",
+        }
+    }
+
+    fn what(self, limit: u64, req: &LimitRequest<'_>) -> String {
+        match self {
+            Self::SessionRpm => format!(
+                "session requests per minute ({limit}) for session {:?}",
+                req.session.map_or("", |s| s.0)
+            ),
+            Self::TenantRpm => format!("tenant limit requestsPerMinute ({limit})"),
+            Self::TenantRph => format!("tenant limit requestsPerHour ({limit})"),
+            Self::TenantRpd => format!("tenant limit requestsPerDay ({limit})"),
+            Self::TenantTpm => format!(
+                "tenant limit tokensPerMinute ({limit}; this request reserves {} tokens: prompt + max_tokens)",
+                req.tokens
+            ),
+            Self::ModelRpm => format!("model quota requestsPerMinute ({limit}) on {}", req.model),
+            Self::ModelTpm => format!("model quota tokensPerMinute ({limit}) on {}", req.model),
+            Self::Budget => String::new(),
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -353,7 +499,8 @@ impl Redis {
             metrics,
             last_warning: AtomicU64::new(0),
             admits: std::sync::OnceLock::new(),
-            settles: std::sync::OnceLock::new(),
+            pending: SettleQueue::default(),
+            flusher: std::sync::OnceLock::new(),
         })
     }
 
@@ -421,7 +568,7 @@ impl Redis {
         let second = minute / 60;
         let t = req.tenant;
         let mut out = Vec::new();
-        let per_minute = |key: String, n: u64, what: String| {
+        let per_minute = |key: String, n: u64, scope: Scope| {
             if n <= EXACT_LOG_MAX {
                 Check {
                     key,
@@ -430,8 +577,7 @@ impl Redis {
                     width_ms: minute,
                     slots: 1,
                     amount: 1,
-                    what,
-                    unit: "requests",
+                    scope,
                 }
             } else {
                 // Its own key: a limit moved across EXACT_LOG_MAX by a reload must not
@@ -443,8 +589,7 @@ impl Redis {
                     width_ms: second,
                     slots: 61,
                     amount: 1,
-                    what,
-                    unit: "requests",
+                    scope,
                 }
             }
         };
@@ -452,20 +597,16 @@ impl Redis {
             out.push(per_minute(
                 self.tenant_key(t, &format!("s:{session}:rpm")),
                 rpm,
-                format!("session requests per minute ({rpm}) for session {session:?}"),
+                Scope::SessionRpm,
             ));
         }
         if let Some(rl) = req.rate_limit {
             if let Some(n) = rl.requests_per_minute {
-                out.push(per_minute(
-                    self.tenant_key(t, "rpm"),
-                    n,
-                    format!("tenant limit requestsPerMinute ({n})"),
-                ));
+                out.push(per_minute(self.tenant_key(t, "rpm"), n, Scope::TenantRpm));
             }
-            for (n, name, width) in [
-                (rl.requests_per_hour, "requestsPerHour", minute),
-                (rl.requests_per_day, "requestsPerDay", minute * 24),
+            for (n, scope, width) in [
+                (rl.requests_per_hour, Scope::TenantRph, minute),
+                (rl.requests_per_day, Scope::TenantRpd, minute * 24),
             ] {
                 if let Some(n) = n {
                     out.push(Check {
@@ -475,8 +616,7 @@ impl Redis {
                         width_ms: width,
                         slots: 60,
                         amount: 1,
-                        what: format!("tenant limit {name} ({n})"),
-                        unit: "requests",
+                        scope,
                     });
                 }
             }
@@ -488,11 +628,7 @@ impl Redis {
                     width_ms: second,
                     slots: 61,
                     amount: req.tokens,
-                    what: format!(
-                        "tenant limit tokensPerMinute ({n}; this request reserves {} tokens: prompt + max_tokens)",
-                        req.tokens
-                    ),
-                    unit: "tokens",
+                    scope: Scope::TenantTpm,
                 });
             }
         }
@@ -501,7 +637,7 @@ impl Redis {
                 out.push(per_minute(
                     self.tenant_key(t, &format!("m:{}:rpm", req.model)),
                     n,
-                    format!("model quota requestsPerMinute ({n}) on {}", req.model),
+                    Scope::ModelRpm,
                 ));
             }
             if let Some(n) = q.tokens_per_minute {
@@ -512,8 +648,7 @@ impl Redis {
                     width_ms: second,
                     slots: 61,
                     amount: req.tokens,
-                    what: format!("model quota tokensPerMinute ({n}) on {}", req.model),
-                    unit: "tokens",
+                    scope: Scope::ModelTpm,
                 });
             }
         }
@@ -525,8 +660,7 @@ impl Redis {
                 width_ms: 0,
                 slots: 0,
                 amount: req.cost_micros.max(0) as u64,
-                what: String::new(),
-                unit: "usd",
+                scope: Scope::Budget,
             });
         }
         out
@@ -545,7 +679,7 @@ impl Redis {
             self.decision("admitted");
             return Ok(None);
         }
-        let result = self.decide(req.tenant, Arc::clone(&checks)).await;
+        let result = self.decide(Arc::clone(&checks)).await;
         let Some(r) = result else {
             return match mode {
                 FailureMode::Open => {
@@ -573,12 +707,7 @@ impl Redis {
                 self.decision("admitted");
                 let token_width = self.minute_ms / 60;
                 Ok(Some(RedisReservation {
-                    token_keys: checks
-                        .iter()
-                        .filter(|c| c.unit == "tokens")
-                        .map(|c| c.key.clone())
-                        .collect(),
-                    budget_key: checks.iter().find(|c| c.kind == "B").map(|c| c.key.clone()),
+                    checks,
                     slot: now.max(0) as u64 / token_width.max(1),
                     admitted_ms: now.max(0) as u64,
                     month,
@@ -609,7 +738,12 @@ impl Redis {
                         unit: "usd",
                     });
                 }
-                Err(refusal(c.what.clone(), secs, c.limit, c.unit))
+                Err(refusal(
+                    c.scope.what(c.limit, req),
+                    secs,
+                    c.limit,
+                    c.scope.unit(),
+                ))
             }
             _ => {
                 self.error("admit", "unexpected script reply");
@@ -623,19 +757,20 @@ impl Redis {
 
     /// Hands the decision to the admission batcher and waits for it. `None`: Redis failed
     /// or did not answer in time (counted as an error).
-    async fn decide(&self, tenant: &str, checks: Arc<Vec<Check>>) -> Option<Decided> {
+    async fn decide(&self, checks: Arc<Vec<Check>>) -> Option<Decided> {
         let tx = self.admits.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(ADMIT_QUEUE);
             // It ends when this client is dropped (the channel closes).
-            tokio::spawn(admit_batcher(self.conn.clone(), rx));
+            tokio::spawn(admit_batcher(
+                self.conn.clone(),
+                rx,
+                Arc::clone(&self.pending.0),
+                Arc::clone(&self.metrics),
+            ));
             tx
         });
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let job = AdmitJob {
-            group: tenant.to_string(),
-            checks,
-            reply,
-        };
+        let job = AdmitJob { checks, reply };
         if tx.try_send(job).is_err() {
             self.error("admit", "admission queue full");
             return None;
@@ -684,28 +819,18 @@ impl Redis {
 
     /// One settle script call for the sum of settles of the same keys and slot.
     async fn settle_sum(&self, r: &RedisReservation, dt: i128, dc: i64) {
-        let mut inv = SETTLE.prepare_invoke();
-        for k in &r.token_keys {
-            inv.key(k);
-        }
-        if let Some(b) = &r.budget_key {
-            inv.key(b);
-        }
-        inv.arg(r.token_keys.len())
-            .arg(r.slot)
-            .arg(dt.to_string())
-            .arg(r.month)
-            .arg(dc);
-        let mut conn = self.conn.clone();
-        let _ = self.run("settle", inv.invoke_async::<i64>(&mut conn)).await;
+        let _ = self
+            .run("settle", send_settle(self.conn.clone(), r, dt, dc))
+            .await;
     }
 
-    /// Settles off the request path through one batcher task per client: whatever is
-    /// queued when it wakes is summed per (keys, slot, month) and sent as one script call
-    /// per sum, all of them pipelined on the connection. Settles only correct token and
-    /// budget reservations (never request counts), and adding deltas commutes, so summing
-    /// them changes no decision; under load it turns one script call per request into
-    /// one per tenant and second.
+    /// Settles off the request path: the delta is added to a sum per tenant and (keys,
+    /// slot, month), and the sums go out with the tenant's next admission script call
+    /// (applied before its decisions), so under load a settle costs no command of its
+    /// own. Sums no admission took within [`SETTLE_DELAY`] are sent by a flusher task,
+    /// one settle script call each, pipelined. Settles only correct token and budget
+    /// reservations (never request counts), and adding deltas commutes, so summing them
+    /// changes no decision.
     pub fn settle_later(self: &Arc<Self>, r: RedisReservation, tokens: u64, cost_micros: i64) {
         let dt = i128::from(tokens) - i128::from(r.tokens);
         let dc = cost_micros.saturating_sub(r.cost_micros);
@@ -715,21 +840,16 @@ impl Redis {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let tx = self.settles.get_or_init(|| {
-            let (tx, rx) = tokio::sync::mpsc::channel(SETTLE_QUEUE);
+        self.flusher.get_or_init(|| {
             // A weak reference: the task ends when the client is dropped (a reload
-            // replaced it), as the channel then closes.
-            handle.spawn(settle_batcher(Arc::downgrade(self), rx));
-            tx
+            // replaced it), after sending what is still pending.
+            handle.spawn(settle_flusher(
+                Arc::downgrade(self),
+                self.conn.clone(),
+                Arc::clone(&self.pending.0),
+            ));
         });
-        if tx
-            .try_send(Settle {
-                r,
-                tokens,
-                cost_micros,
-            })
-            .is_err()
-        {
+        if !self.pending.add(r, dt, dc) {
             self.error("settle", "settle queue full");
         }
     }
@@ -852,62 +972,162 @@ impl RedisReservation {
     pub fn admitted_at_ms(&self) -> u64 {
         self.admitted_ms
     }
+
+    fn token_checks(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| c.scope.unit() == "tokens")
+    }
+
+    fn budget_key(&self) -> Option<&str> {
+        self.checks
+            .iter()
+            .find(|c| c.kind == "B")
+            .map(|c| c.key.as_str())
+    }
+
+    fn tag(&self) -> &str {
+        self.checks.first().map_or("", |c| tag(&c.key))
+    }
+
+    /// Whether a settle of `o` changes the same keys.
+    fn same_keys(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.checks, &o.checks)
+            || (self
+                .token_checks()
+                .map(|c| &c.key)
+                .eq(o.token_checks().map(|c| &c.key))
+                && self.budget_key() == o.budget_key())
+    }
 }
 
 /// Decides admissions in batches: whatever is queued when it wakes (up to
 /// [`ADMIT_BATCH`]) becomes one [`ADMIT_LUA`] call per tenant, all of them pipelined on the
-/// multiplexed connection, while the next admissions queue up. Each script call is atomic
-/// and decides its admissions one after the other, exactly as one call each would, but
-/// reads each key once and writes it once, so Redis works per batch, not per request.
-async fn admit_batcher(conn: Conn, mut rx: tokio::sync::mpsc::Receiver<AdmitJob>) {
+/// multiplexed connection, while the next admissions queue up. Each script call is atomic:
+/// it first applies the tenant's pending settles, then decides its admissions one after the
+/// other, exactly as one call each would, but reads each key once and writes it once, so
+/// Redis works per batch, not per request.
+async fn admit_batcher(
+    conn: Conn,
+    mut rx: tokio::sync::mpsc::Receiver<AdmitJob>,
+    pending: Arc<PendingSettles>,
+    metrics: Arc<Metrics>,
+) {
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, ADMIT_BATCH).await > 0 {
         // Requests that gave up (timed out) are not decided: nobody would be served.
         batch.retain(|j| !j.reply.is_closed());
+        // Stable: each tenant's admissions keep their order.
+        batch.sort_by(|a, b| a.tag().cmp(b.tag()));
         let mut groups: Vec<Vec<AdmitJob>> = Vec::new();
-        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         for job in batch.drain(..) {
-            match index.get(&job.group) {
-                Some(&g) => groups[g].push(job),
-                None => {
-                    index.insert(job.group.clone(), groups.len());
-                    groups.push(vec![job]);
-                }
+            match groups.last_mut() {
+                Some(g) if g[0].tag() == job.tag() => g.push(job),
+                _ => groups.push(vec![job]),
             }
         }
-        futures_util::future::join_all(groups.into_iter().map(|g| admit_group(conn.clone(), g)))
-            .await;
+        futures_util::future::join_all(groups.into_iter().map(|g| {
+            let settles = pending.take(g[0].tag());
+            admit_group(conn.clone(), g, settles, &metrics)
+        }))
+        .await;
     }
 }
 
-/// One script call deciding `jobs` (all of one tenant) in order; answers each.
-async fn admit_group(mut conn: Conn, jobs: Vec<AdmitJob>) {
-    let mut inv = ADMIT.prepare_invoke();
-    inv.arg(format!("{:016x}", fastrand::u64(..)))
-        .arg(jobs.len());
+/// The 1-based index of `key` in `keys`, added if new.
+fn key_index<'a>(keys: &mut Vec<&'a str>, key: &'a str) -> usize {
+    match keys.iter().position(|k| *k == key) {
+        Some(i) => i + 1,
+        None => {
+            keys.push(key);
+            keys.len()
+        }
+    }
+}
+
+fn clamp_i64(v: i128) -> i64 {
+    v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+/// One script call applying `settles` and deciding `jobs` (all of one tenant) in order;
+/// answers each. Built as one command buffer (no allocation per argument).
+async fn admit_group(
+    mut conn: Conn,
+    jobs: Vec<AdmitJob>,
+    settles: Vec<SettleSum>,
+    metrics: &Metrics,
+) {
     let mut keys: Vec<&str> = Vec::new();
+    // Distinct (key, kind, limit, width, slots): most requests of a batch share them.
+    let mut specs: Vec<(usize, &Check)> = Vec::new();
+    let mut refs: Vec<usize> = Vec::with_capacity(jobs.len() * 3);
     for job in &jobs {
-        inv.arg(job.checks.len());
         for c in job.checks.iter() {
-            let ki = match keys.iter().position(|k| *k == c.key) {
-                Some(i) => i,
+            let ki = key_index(&mut keys, &c.key);
+            let j = match specs.iter().position(|(k, s)| {
+                *k == ki
+                    && s.kind == c.kind
+                    && s.limit == c.limit
+                    && s.width_ms == c.width_ms
+                    && s.slots == c.slots
+            }) {
+                Some(j) => j + 1,
                 None => {
-                    keys.push(&c.key);
-                    inv.key(&c.key);
-                    keys.len() - 1
+                    specs.push((ki, c));
+                    specs.len()
                 }
             };
-            inv.arg(ki + 1)
-                .arg(c.kind)
-                .arg(c.limit)
-                .arg(c.width_ms)
-                .arg(c.slots)
-                .arg(c.amount);
+            refs.push(j);
+        }
+    }
+    let mut settle_keys: Vec<usize> = Vec::new();
+    for s in &settles {
+        for c in s.r.token_checks() {
+            settle_keys.push(key_index(&mut keys, &c.key));
+        }
+        settle_keys.push(s.r.budget_key().map_or(0, |b| key_index(&mut keys, b)));
+    }
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(ADMIT.get_hash()).arg(keys.len());
+    for k in &keys {
+        cmd.arg(*k);
+    }
+    cmd.arg(fastrand::u64(..)).arg(specs.len());
+    for (ki, c) in &specs {
+        cmd.arg(*ki)
+            .arg(c.kind)
+            .arg(c.limit)
+            .arg(c.width_ms)
+            .arg(c.slots);
+    }
+    cmd.arg(settles.len());
+    let mut sk = settle_keys.iter();
+    for s in &settles {
+        let (width, slots) =
+            s.r.token_checks()
+                .next()
+                .map_or((1, 1), |c| (c.width_ms, c.slots));
+        cmd.arg(s.r.token_checks().count());
+        for _ in s.r.token_checks() {
+            cmd.arg(sk.next().copied().unwrap_or(0));
+        }
+        cmd.arg(sk.next().copied().unwrap_or(0))
+            .arg(s.r.slot)
+            .arg(clamp_i64(s.dt))
+            .arg(s.r.month)
+            .arg(s.dc)
+            .arg(width)
+            .arg(slots);
+    }
+    cmd.arg(jobs.len());
+    let mut r = refs.iter();
+    for job in &jobs {
+        cmd.arg(job.checks.len());
+        for c in job.checks.iter() {
+            cmd.arg(r.next().copied().unwrap_or(0)).arg(c.amount);
         }
     }
     let result = match tokio::time::timeout(
         COMMAND_TIMEOUT,
-        inv.invoke_async::<Vec<i64>>(&mut conn),
+        eval::<Vec<i64>>(&ADMIT, &cmd, &mut conn),
     )
     .await
     {
@@ -916,6 +1136,13 @@ async fn admit_group(mut conn: Conn, jobs: Vec<AdmitJob>) {
         Ok(Err(e)) => Err(e.kind_name()),
         Err(_) => Err("timeout".to_string()),
     };
+    if result.is_err() && !settles.is_empty() {
+        // Like a failed settle script call: the settles may not have been applied.
+        metrics
+            .redis_errors
+            .get_or_create(&OpLabel { op: "settle" })
+            .inc();
+    }
     for (i, job) in jobs.into_iter().enumerate() {
         let answer = match &result {
             Ok(v) => {
@@ -932,44 +1159,75 @@ async fn admit_group(mut conn: Conn, jobs: Vec<AdmitJob>) {
     }
 }
 
-fn settles_nothing(r: &RedisReservation, dt: i128, dc: i64) -> bool {
-    (dt == 0 || r.token_keys.is_empty()) && (dc == 0 || r.budget_key.is_none())
+/// Runs an `EVALSHA` command of `script`, loading the script first if Redis lacks it
+/// (a restart or a failover to a new master).
+async fn eval<T: redis::FromRedisValue>(
+    script: &Script,
+    cmd: &Cmd,
+    conn: &mut Conn,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
 }
 
-async fn settle_batcher(
-    redis: std::sync::Weak<Redis>,
-    mut rx: tokio::sync::mpsc::Receiver<Settle>,
-) {
-    let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, SETTLE_BATCH).await > 0 {
-        let Some(redis) = redis.upgrade() else {
-            return;
-        };
-        // Sum per (keys, slot, month): a linear scan, as a batch has few distinct sums
-        // (one per tenant and model and second).
-        let mut sums: Vec<(RedisReservation, i128, i64)> = Vec::new();
-        for s in batch.drain(..) {
-            let dt = i128::from(s.tokens) - i128::from(s.r.tokens);
-            let dc = s.cost_micros.saturating_sub(s.r.cost_micros);
-            match sums.iter_mut().find(|(r, _, _)| {
-                r.slot == s.r.slot
-                    && r.month == s.r.month
-                    && r.token_keys == s.r.token_keys
-                    && r.budget_key == s.r.budget_key
-            }) {
-                Some((_, t, c)) => {
-                    *t += dt;
-                    *c = c.saturating_add(dc);
-                }
-                None => sums.push((s.r, dt, dc)),
+/// One [`SETTLE_LUA`] call.
+async fn send_settle(
+    mut conn: Conn,
+    r: &RedisReservation,
+    dt: i128,
+    dc: i64,
+) -> redis::RedisResult<i64> {
+    let nt = r.token_checks().count();
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(SETTLE.get_hash())
+        .arg(nt + usize::from(r.budget_key().is_some()));
+    for c in r.token_checks() {
+        cmd.arg(&c.key);
+    }
+    if let Some(b) = r.budget_key() {
+        cmd.arg(b);
+    }
+    cmd.arg(nt)
+        .arg(r.slot)
+        .arg(clamp_i64(dt))
+        .arg(r.month)
+        .arg(dc);
+    eval(&SETTLE, &cmd, &mut conn).await
+}
+
+fn settles_nothing(r: &RedisReservation, dt: i128, dc: i64) -> bool {
+    (dt == 0 || r.token_checks().next().is_none()) && (dc == 0 || r.budget_key().is_none())
+}
+
+/// Sends the settle sums no admission took, [`SETTLE_DELAY`] after the first of them
+/// arrived; once the client is gone, sends what is left and ends.
+async fn settle_flusher(redis: Weak<Redis>, conn: Conn, pending: Arc<PendingSettles>) {
+    loop {
+        pending.wake.notified().await;
+        tokio::time::sleep(SETTLE_DELAY).await;
+        let sums = pending.take_all();
+        let sums = sums.iter().filter(|s| !settles_nothing(&s.r, s.dt, s.dc));
+        match redis.upgrade() {
+            Some(redis) => {
+                futures_util::future::join_all(sums.map(|s| redis.settle_sum(&s.r, s.dt, s.dc)))
+                    .await;
+            }
+            None => {
+                futures_util::future::join_all(sums.map(|s| {
+                    tokio::time::timeout(
+                        COMMAND_TIMEOUT,
+                        send_settle(conn.clone(), &s.r, s.dt, s.dc),
+                    )
+                }))
+                .await;
+                return;
             }
         }
-        futures_util::future::join_all(
-            sums.iter()
-                .filter(|(r, dt, dc)| !settles_nothing(r, *dt, *dc))
-                .map(|(r, dt, dc)| redis.settle_sum(r, *dt, *dc)),
-        )
-        .await;
     }
 }
 

@@ -470,3 +470,105 @@ async fn one_batch_decides_its_admissions_in_order() {
     }
     assert_eq!(admitted, 30);
 }
+
+/// The tenant's token sub-windows: (their running sum `s`, the sum of the sub-windows).
+async fn token_sums(r: &Redis, tenant: &str) -> (i64, i64) {
+    let mut conn = r.conn.clone();
+    let h: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(r.tenant_key(tenant, "tpm"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let slots = h
+        .iter()
+        .filter(|(k, _)| k.parse::<u64>().is_ok())
+        .map(|(_, v)| v)
+        .sum();
+    (h.get("s").copied().unwrap_or(0), slots)
+}
+
+fn pending_len(r: &Redis) -> usize {
+    r.pending.inner.lock().unwrap().len
+}
+
+#[tokio::test]
+async fn settles_ride_along_with_the_next_admission_of_their_tenant() {
+    // A "minute" of 600 ms: token sub-windows of 10 ms.
+    let r = Arc::new(redis().await.with_minute_ms(600));
+    let rl = RateLimitConfig {
+        tokens_per_minute: Some(100),
+        ..Default::default()
+    };
+    let mut q = req(&rl, 90);
+    q.budget_micros = Some(1_000);
+    q.cost_micros = 600;
+    let res = r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    // Settled to 10 tokens and 100 micro-USD: pending until the next admission, which
+    // applies it before deciding (70 + 20 fit only after it).
+    r.settle_later(res, 10, 100);
+    assert_eq!(pending_len(&r), 1);
+    q.tokens = 20;
+    q.cost_micros = 300;
+    let second = r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    assert_eq!(pending_len(&r), 0, "the settle went with the admission");
+    assert_eq!(token_sums(&r, "ns/t").await, (30, 30));
+    assert_eq!(r.spent("ns/t", second.month).await, Some(400));
+    // A settle into an older sub-window of the window, and one whose sub-window has left
+    // (it changes nothing). Never below zero.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    r.settle_later(second, 0, 0);
+    q.tokens = 5;
+    q.cost_micros = 0;
+    let third = r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    assert_eq!(token_sums(&r, "ns/t").await, (15, 15));
+    assert_eq!(r.spent("ns/t", third.month).await, Some(100));
+    let month = third.month;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    r.settle_later(third, 0, 0);
+    r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    assert_eq!(token_sums(&r, "ns/t").await, (5, 5));
+    // Keys still expire.
+    let mut conn = r.conn.clone();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(r.tenant_key("ns/t", "tpm"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 10 * 62 + 1000, "{ttl}");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}:{month}", r.tenant_key("ns/t", "budget")))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 40 * 86_400 && ttl <= 72 * 86_400, "{ttl}");
+}
+
+#[tokio::test]
+async fn settles_without_an_admission_are_sent_soon_and_when_the_client_goes() {
+    let r = Arc::new(redis().await);
+    let rl = RateLimitConfig {
+        tokens_per_minute: Some(1_000),
+        ..Default::default()
+    };
+    let mut q = req(&rl, 100);
+    q.budget_micros = Some(10_000);
+    q.cost_micros = 600;
+    let a = r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    let b = r.admit(&q, FailureMode::Closed).await.unwrap().unwrap();
+    let month = a.month;
+    r.settle_later(a, 40, 100);
+    tokio::time::sleep(SETTLE_DELAY * 10).await;
+    assert_eq!(pending_len(&r), 0);
+    assert_eq!(r.spent("ns/t", month).await, Some(700));
+    assert_eq!(token_sums(&r, "ns/t").await, (140, 140));
+    // A reload drops the client: what is pending is still sent.
+    let other = Redis {
+        prefix: r.prefix.clone(),
+        ..redis_at(&url())
+    };
+    r.settle_later(b, 60, 200);
+    drop(r);
+    tokio::time::sleep(SETTLE_DELAY * 10).await;
+    assert_eq!(other.spent("ns/t", month).await, Some(300));
+    assert_eq!(token_sums(&other, "ns/t").await, (100, 100));
+}
