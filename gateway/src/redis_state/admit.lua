@@ -29,12 +29,15 @@ local ny, nm = y, m + 1
 if nm > 12 then ny, nm = y + 1, 1 end
 local month_left = days_from_civil(ny, nm) * 86400 - secs
 local member = ARGV[1]
--- Checks: {KEYS index, kind, limit, width, slots}, shared by the requests of the batch.
+-- Checks: {KEYS index, kind, limit, width, slots, total, count}, shared by the requests
+-- of the batch; total and count are the sum of the amounts and the number of requests
+-- with this check.
 local nspec = tonumber(ARGV[2])
 local spec = {}
 for j = 1, nspec do
-  local a = 3 + (j - 1) * 5
-  spec[j] = {tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])}
+  local a = 3 + (j - 1) * 7
+  spec[j] = {tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+    tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])}
 end
 -- Per key (index into KEYS): its state read once per batch, and what settles and admitted
 -- requests of this batch add to it (written once at the end).
@@ -91,7 +94,7 @@ end
 -- delta, month, cost delta, slot width, slots. As settle.lua: a slot that has left the
 -- window is not touched, a slot never goes below zero, a budget counter is only changed
 -- while it exists.
-local p = 3 + nspec * 5
+local p = 3 + nspec * 7
 local nsettle = tonumber(ARGV[p])
 p = p + 1
 for _ = 1, nsettle do
@@ -135,14 +138,39 @@ for _ = 1, nsettle do
   end
   p = q + 8
 end
-local nreq = tonumber(ARGV[p])
-p = p + 1
--- The first check of a request (`n` checks of {spec, amount} from ARGV[p]) that refuses
--- it: {0, check, retry_ms, spent}, or nil.
-local function refuse(p, n)
+local nreq, fast, R = tonumber(ARGV[p]), ARGV[p + 1] == '1', {}
+-- When the whole batch fits (for each check, the key's state plus the batch's total stays
+-- within the limit; the client sends fast = 1 only if no key has two checks), deciding
+-- the requests in turn would admit every one: count the totals and answer {now, month}.
+if fast then
+  for j = 1, nspec do
+    local sp = spec[j]
+    local kind, limit, total = sp[2], sp[3], sp[6]
+    local st = load(sp[1], kind, sp[4], sp[5])
+    if kind == 'L' then
+      if st.count + total > limit then fast = false break end
+    elseif kind == 'S' then
+      if st.sum + st.add + total > limit then fast = false break end
+    elseif st.spent + st.add + total >= limit then
+      fast = false
+      break
+    end
+  end
+end
+-- Otherwise the requests, each `n` then `n` times `spec amount`, packed in one argument.
+if not fast then
+  local n = 0
+  for x in string.gmatch(ARGV[p + 2], '%d+') do
+    n = n + 1
+    R[n] = tonumber(x)
+  end
+end
+-- The first check of a request (`n` checks of {spec, amount} from R[q]) that refuses it:
+-- {0, check, retry_ms, spent}, or nil.
+local function refuse(q, n)
   for i = 1, n do
-    local a = p + (i - 1) * 2
-    local sp, amount = spec[tonumber(ARGV[a])], tonumber(ARGV[a + 1])
+    local a = q + (i - 1) * 2
+    local sp, amount = spec[R[a]], R[a + 1]
     local ki, kind, limit, width, slots = sp[1], sp[2], sp[3], sp[4], sp[5]
     local st = load(ki, kind, width, slots)
     if kind == 'L' then
@@ -198,28 +226,37 @@ local function refuse(p, n)
   return nil
 end
 local out = {now, month}
-for r = 1, nreq do
-  local n = tonumber(ARGV[p])
-  p = p + 1
-  local no = refuse(p, n)
-  if no then
-    for _, v in ipairs(no) do out[#out + 1] = v end
-  else
-    for i = 1, n do
-      local a = p + (i - 1) * 2
-      local st = state[spec[tonumber(ARGV[a])][1]]
-      if st.kind == 'L' then
-        st.members[#st.members + 1] = member .. ':' .. r
-      else
-        st.add = st.add + tonumber(ARGV[a + 1])
+if fast then
+  for j = 1, nspec do
+    local sp = spec[j]
+    local st = state[sp[1]]
+    if sp[2] == 'L' then
+      for r = 1, sp[7] do st.members[#st.members + 1] = member .. ':' .. r end
+    else
+      st.add = st.add + sp[6]
+    end
+  end
+else
+  local q, o = 1, 2
+  for r = 1, nreq do
+    local n = R[q]
+    q = q + 1
+    local no = refuse(q, n) or {1, 0, 0, 0}
+    if no[1] == 1 then
+      for i = 1, n do
+        local a = q + (i - 1) * 2
+        local st = state[spec[R[a]][1]]
+        if st.kind == 'L' then
+          st.members[#st.members + 1] = member .. ':' .. r
+        else
+          st.add = st.add + R[a + 1]
+        end
       end
     end
-    out[#out + 1] = 1
-    out[#out + 1] = 0
-    out[#out + 1] = 0
-    out[#out + 1] = 0
+    for k = 1, 4 do out[o + k] = no[k] end
+    o = o + 4
+    q = q + n * 2
   end
-  p = p + n * 2
 end
 -- One write per key. A sub-window hash gets its TTL when its current sub-window is first
 -- written: that covers every sub-window up to it (each leaves at most slots + 1 widths

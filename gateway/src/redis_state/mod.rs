@@ -25,6 +25,7 @@
 //! refreshes the map when a master fails over.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,11 +50,14 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
 const EXACT_LOG_MAX: u64 = 10_000;
 
 /// The admission script: settles, then a batch of decisions in order. ARGV: member,
-/// number of specs, per spec `key_index kind limit width_ms slots` (kind `L` sliding log
-/// over `width_ms`, `S` `slots` sub-windows of `width_ms`, `B` monthly budget), number of
-/// settles, per settle `n key_index... budget_key_index slot token_delta month cost_delta
-/// width_ms slots`, number of requests, per request `n` then `n` times `spec amount`.
-/// KEYS: every key once (the budget key gets `:<month>` appended). Returns
+/// number of specs, per spec `key_index kind limit width_ms slots total count` (kind `L`
+/// sliding log over `width_ms`, `S` `slots` sub-windows of `width_ms`, `B` monthly
+/// budget; the batch's sum of amounts and number of requests with it), number of settles,
+/// per settle `n key_index... budget_key_index slot token_delta month cost_delta width_ms
+/// slots`, number of requests, `1` if no key has two specs (else `0`), the requests in one
+/// argument (per request `n` then `n` times `spec amount`, space-separated). KEYS: every
+/// key once (the budget key gets `:<month>` appended). Returns `{now_ms, month}` when the
+/// whole batch fits and is admitted (the script then never reads the requests), else
 /// `{now_ms, month}` followed by four numbers per request: `{1, 0, 0, 0}` or
 /// `{0, check index, retry_ms, spent}`.
 pub const ADMIT_LUA: &str = include_str!("admit.lua");
@@ -1032,6 +1036,15 @@ async fn admit_batcher(
     }
 }
 
+/// A distinct check of a batch, with the batch's total amount and number of requests.
+struct Spec<'a> {
+    /// 1-based index in KEYS.
+    ki: usize,
+    c: &'a Check,
+    total: u64,
+    count: u64,
+}
+
 /// The 1-based index of `key` in `keys`, added if new.
 fn key_index<'a>(keys: &mut Vec<&'a str>, key: &'a str) -> usize {
     match keys.iter().position(|k| *k == key) {
@@ -1056,28 +1069,42 @@ async fn admit_group(
     metrics: &Metrics,
 ) {
     let mut keys: Vec<&str> = Vec::new();
-    // Distinct (key, kind, limit, width, slots): most requests of a batch share them.
-    let mut specs: Vec<(usize, &Check)> = Vec::new();
-    let mut refs: Vec<usize> = Vec::with_capacity(jobs.len() * 3);
+    // Distinct (key, kind, limit, width, slots) with the batch's total and count: most
+    // requests of a batch share them, and when the totals fit the script reads nothing
+    // per request. The requests go in one argument, read only when they do not.
+    let mut specs: Vec<Spec<'_>> = Vec::new();
+    let mut packed = String::with_capacity(jobs.len() * 16);
     for job in &jobs {
+        let _ = write!(packed, "{} ", job.checks.len());
         for c in job.checks.iter() {
             let ki = key_index(&mut keys, &c.key);
-            let j = match specs.iter().position(|(k, s)| {
-                *k == ki
-                    && s.kind == c.kind
-                    && s.limit == c.limit
-                    && s.width_ms == c.width_ms
-                    && s.slots == c.slots
+            let j = match specs.iter().position(|s| {
+                s.ki == ki
+                    && s.c.kind == c.kind
+                    && s.c.limit == c.limit
+                    && s.c.width_ms == c.width_ms
+                    && s.c.slots == c.slots
             }) {
-                Some(j) => j + 1,
+                Some(j) => j,
                 None => {
-                    specs.push((ki, c));
-                    specs.len()
+                    specs.push(Spec {
+                        ki,
+                        c,
+                        total: 0,
+                        count: 0,
+                    });
+                    specs.len() - 1
                 }
             };
-            refs.push(j);
+            specs[j].total = specs[j].total.saturating_add(c.amount);
+            specs[j].count += 1;
+            let _ = write!(packed, "{} {} ", j + 1, c.amount);
         }
     }
+    let fast = specs
+        .iter()
+        .enumerate()
+        .all(|(i, s)| specs[..i].iter().all(|o| o.ki != s.ki));
     let mut settle_keys: Vec<usize> = Vec::new();
     for s in &settles {
         for c in s.r.token_checks() {
@@ -1091,12 +1118,14 @@ async fn admit_group(
         cmd.arg(*k);
     }
     cmd.arg(fastrand::u64(..)).arg(specs.len());
-    for (ki, c) in &specs {
-        cmd.arg(*ki)
-            .arg(c.kind)
-            .arg(c.limit)
-            .arg(c.width_ms)
-            .arg(c.slots);
+    for s in &specs {
+        cmd.arg(s.ki)
+            .arg(s.c.kind)
+            .arg(s.c.limit)
+            .arg(s.c.width_ms)
+            .arg(s.c.slots)
+            .arg(s.total)
+            .arg(s.count);
     }
     cmd.arg(settles.len());
     let mut sk = settle_keys.iter();
@@ -1117,21 +1146,14 @@ async fn admit_group(
             .arg(width)
             .arg(slots);
     }
-    cmd.arg(jobs.len());
-    let mut r = refs.iter();
-    for job in &jobs {
-        cmd.arg(job.checks.len());
-        for c in job.checks.iter() {
-            cmd.arg(r.next().copied().unwrap_or(0)).arg(c.amount);
-        }
-    }
+    cmd.arg(jobs.len()).arg(u8::from(fast)).arg(packed.as_str());
     let result = match tokio::time::timeout(
         COMMAND_TIMEOUT,
         eval::<Vec<i64>>(&ADMIT, &cmd, &mut conn),
     )
     .await
     {
-        Ok(Ok(v)) if v.len() == 2 + 4 * jobs.len() => Ok(v),
+        Ok(Ok(v)) if v.len() == 2 || v.len() == 2 + 4 * jobs.len() => Ok(v),
         Ok(Ok(_)) => Err("unexpected script reply".to_string()),
         Ok(Err(e)) => Err(e.kind_name()),
         Err(_) => Err("timeout".to_string()),
@@ -1150,7 +1172,11 @@ async fn admit_group(
                 Ok(Decided {
                     now: v[0],
                     month: v[1],
-                    reply: [v[at], v[at + 1], v[at + 2], v[at + 3]],
+                    reply: match v.get(at..at + 4) {
+                        Some(&[a, b, c, d]) => [a, b, c, d],
+                        // The whole batch was admitted.
+                        _ => [1, 0, 0, 0],
+                    },
                 })
             }
             Err(e) => Err(e.clone()),

@@ -572,3 +572,39 @@ async fn settles_without_an_admission_are_sent_soon_and_when_the_client_goes() {
     assert_eq!(other.spent("ns/t", month).await, Some(300));
     assert_eq!(token_sums(&other, "ns/t").await, (100, 100));
 }
+
+#[tokio::test]
+async fn a_batch_that_just_fits_is_admitted_whole_and_the_next_request_is_not() {
+    let r = Arc::new(redis().await);
+    let rl = RateLimitConfig {
+        requests_per_minute: Some(20_000),
+        tokens_per_minute: Some(100),
+        ..Default::default()
+    };
+    for (budget, cost, tokens, fits) in [(None, 0, 10, 10), (Some(1_000), 200, 0, 5)] {
+        let tenant = if budget.is_some() { "ns/b" } else { "ns/t" };
+        let tasks: Vec<_> = (0..fits + 3)
+            .map(|_| {
+                let r = Arc::clone(&r);
+                tokio::spawn(async move {
+                    let mut q = req(&rl, tokens);
+                    q.tenant = tenant;
+                    q.budget_micros = budget;
+                    q.cost_micros = cost;
+                    r.admit(&q, FailureMode::Closed).await.is_ok()
+                })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(admitted, fits, "{tenant}");
+    }
+    assert_eq!(token_sums(&r, "ns/t").await, (100, 100));
+    assert_eq!(
+        r.spent("ns/b", i64::from(crate::limits::current_month()))
+            .await,
+        Some(1_000)
+    );
+}
