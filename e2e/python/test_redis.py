@@ -135,6 +135,34 @@ def test_three_gateways_admit_exactly_the_limit_of_300_concurrent_requests(start
     assert mock.requests() == counts.get(200, 0)
 
 
+def test_tokens_settle_exactly_across_gateways(start_mock, start_gateway, private_redis):
+    # Each request reserves prompt + max_tokens (1000) and uses far less; the limit holds one
+    # reservation plus what the earlier requests really used, so every request passes only
+    # if the earlier ones (on either replica) were settled in Redis. Settles ride along with
+    # the next admission of the tenant or are sent within 5 ms.
+    mock = start_mock("m")
+    doc, tenant = tenant_doc(mock, private_redis.url, {"tokensPerMinute": 1500})
+    a, b = start_gateway(doc), start_gateway(doc)
+    clients = [openai.OpenAI(base_url=f"{gw.url}/v1", api_key=TENANT_KEY, max_retries=0) for gw in (a, b)]
+    used = 0
+    for i in range(8):
+        r = clients[i % 2].chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=1000)
+        assert r.usage.total_tokens < 100
+        used += r.usage.total_tokens
+        time.sleep(0.05)
+    cli = ["redis-cli", "-p", str(private_redis.port)]
+    keys = subprocess.run([*cli, "--scan", "--pattern", f"*:{tenant}}}:tpm"], capture_output=True,
+                          text=True, timeout=10).stdout.split()
+    assert len(keys) == 1, keys
+
+    def settled():
+        out = subprocess.run([*cli, "HGET", keys[0], "s"], capture_output=True, text=True, timeout=10).stdout
+        return int(out.strip() or 0) == used
+
+    # The running sum of the tenant's token sub-windows is exactly what was used.
+    _wait_for(settled, 2, f"tokensPerMinute counter == {used}")
+
+
 def test_chat_session_started_on_one_gateway_continues_on_the_other(start_mock, start_gateway, shared_redis):
     mock = start_mock("m")
     doc, _ = tenant_doc(mock, shared_redis, systemPrompt="You are a test bot.")
