@@ -194,21 +194,44 @@ fn count(events: &[controlplane::AuditEvent]) -> Counts {
     c
 }
 
-async fn reconciles(metrics_addr: &str) -> u64 {
+/// The operator's metrics text (empty when it cannot be read).
+async fn metrics_text(metrics_addr: &str) -> String {
     let Ok(mut stream) = tokio::net::TcpStream::connect(metrics_addr).await else {
-        return 0;
+        return String::new();
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!("GET /metrics HTTP/1.0\r\nHost: {metrics_addr}\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
-        return 0;
+        return String::new();
     }
     let mut body = String::new();
     let _ = stream.read_to_string(&mut body).await;
-    body.lines()
-        .filter(|l| l.starts_with("parley_operator_reconciles_total{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    body
+}
+
+/// The counters of `metric` (`name{labels} value` lines), by their label text.
+fn counters(text: &str, metric: &str) -> BTreeMap<String, u64> {
+    let prefix = format!("{metric}{{");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            let labels = labels.trim_end_matches('}').replace('"', "");
+            Some((labels, value.parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// Reconciles of every kind, and of Chatbots alone.
+async fn reconciles(metrics_addr: &str) -> (u64, u64) {
+    let text = metrics_text(metrics_addr).await;
+    let all = counters(&text, "parley_operator_reconciles_total");
+    let chatbots = all
+        .iter()
+        .filter(|(labels, _)| labels.contains("kind=Chatbot"))
+        .map(|(_, n)| n)
+        .sum();
+    (all.values().sum(), chatbots)
 }
 
 /// A kubeconfig like the admin's whose user is a bearer token of `parley-system/
@@ -407,7 +430,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let start_events = operator_events(&cp)?;
     let start_counts = count(&start_events[events_before.min(start_events.len())..]);
-    let reconciles_start = reconciles(&args.metrics_addr).await;
+    let (reconciles_start, chatbot_reconciles) = reconciles(&args.metrics_addr).await;
+    let start_metrics = metrics_text(&args.metrics_addr).await;
+    let reconciles_by_kind = counters(&start_metrics, "parley_operator_reconciles_total");
+    let triggers = counters(&start_metrics, "parley_operator_triggers_total");
+    // The Events the operator published, by the kind they are about and their reason.
+    let mut event_reasons: BTreeMap<String, (usize, i32)> = BTreeMap::new();
+    for e in Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), NS)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        let kind = e.regarding.and_then(|r| r.kind).unwrap_or_default();
+        let entry = event_reasons
+            .entry(format!("{kind} {}", e.reason.unwrap_or_default()))
+            .or_default();
+        entry.0 += 1;
+        entry.1 += e.series.map_or(1, |s| s.count);
+    }
 
     println!("at rest for {} s ...", args.rest_seconds);
     let rest_from = start_events.len();
@@ -415,7 +455,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.rest_seconds)).await;
     let rest_events = operator_events(&cp)?;
     let rest_counts = count(&rest_events[rest_from.min(rest_events.len())..]);
-    let reconciles_rest = reconciles(&args.metrics_addr).await;
+    let (reconciles_rest, _) = reconciles(&args.metrics_addr).await;
     let cpu_rest = cpu_seconds(pid).unwrap_or(0.0) - cpu_rest_start;
     let rss_rest = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
 
@@ -499,6 +539,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for (verb, n) in &start_counts.by_verb {
         println!("  {n:>7} {verb}");
+    }
+    let config_map_applies = start_counts
+        .by_verb
+        .get("patch configmaps")
+        .copied()
+        .unwrap_or(0);
+    println!(
+        "applies per Chatbot (ConfigMap patches / Chatbots): {:.2}",
+        config_map_applies as f64 / args.chatbots.max(1) as f64
+    );
+    println!(
+        "reconciles until Ready (+5 s): {} Chatbot reconciles, {:.2} per Chatbot",
+        chatbot_reconciles,
+        chatbot_reconciles as f64 / args.chatbots.max(1) as f64
+    );
+    for (labels, n) in &reconciles_by_kind {
+        println!("  {n:>7} {labels}");
+    }
+    println!("reconciles asked for by watch events (several while one is queued run once):");
+    for (labels, n) in &triggers {
+        println!("  {n:>7} {labels}");
+    }
+    println!("Events in the namespace (objects, occurrences) by kind and reason:");
+    for (reason, (objects, occurrences)) in &event_reasons {
+        println!("  {objects:>7} {occurrences:>7} {reason}");
     }
     println!(
         "at rest {} s: {} requests, {} writes, {} reconciles, {cpu_rest:.2} s CPU",

@@ -1853,3 +1853,101 @@ async fn a_model_route_change_rerenders_only_the_chatbots_that_select_it() -> an
     })
     .await
 }
+
+/// A child that someone else edits or deletes is put back; a change the operator does not
+/// own (a child's status written by another controller, another writer's annotation)
+/// applies nothing.
+#[tokio::test]
+async fn children_changed_by_others_are_put_back_and_foreign_changes_apply_nothing()
+-> anyhow::Result<()> {
+    with_cluster(|cluster, operator_client| async move {
+        let ns = cluster.namespace.clone();
+        let admin = cluster.client.clone();
+        let operator = two_teams_at_rest(&cluster, operator_client).await?;
+        let config_maps = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
+        let services = Api::<Service>::namespaced(admin.clone(), &ns);
+        let rendered = config_maps.get("red-gateway").await?.data;
+        ensure!(rendered.is_some(), "red's ConfigMap has no data");
+
+        // Not the operator's: the Service's status (as a load-balancer controller would
+        // write it) and an annotation of another writer.
+        let before = operator_events(&cluster)?.len();
+        services
+            .patch_status(
+                "red-gateway",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({
+                    "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}
+                })),
+            )
+            .await?;
+        config_maps
+            .patch(
+                "red-gateway",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({
+                    "metadata": {"annotations": {"example.com/note": "not the operator's"}}
+                })),
+            )
+            .await?;
+        let service = services.get("red-gateway").await?;
+        ensure!(
+            service
+                .status
+                .and_then(|s| s.load_balancer)
+                .and_then(|l| l.ingress)
+                .is_some_and(|i| !i.is_empty()),
+            "the Service status was not written"
+        );
+        // Long enough for both watch events to reach the operator and any apply to land.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        settled(&operator.metrics, Duration::from_secs(1)).await?;
+        if !cluster.is_external() {
+            let writes: Vec<String> = operator_events(&cluster)?
+                .iter()
+                .skip(before)
+                .filter(|e| is_write(e))
+                .map(describe)
+                .collect();
+            ensure!(
+                writes.is_empty(),
+                "changes the operator does not own made it write:\n{}",
+                writes.join("\n")
+            );
+        }
+        let annotated = config_maps.get("red-gateway").await?;
+        ensure!(
+            annotated.annotations().contains_key("example.com/note"),
+            "the other writer's annotation is gone"
+        );
+
+        // The operator's: the ConfigMap's data edited, then the ConfigMap deleted.
+        config_maps
+            .patch(
+                "red-gateway",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"data": {"config.yaml": "tampered: true\n"}})),
+            )
+            .await?;
+        eventually("the edited ConfigMap to be put back", || async {
+            let cm = config_maps.get("red-gateway").await?;
+            Ok((cm.data == rendered).then_some(()))
+        })
+        .await?;
+        config_maps
+            .delete("red-gateway", &DeleteParams::default())
+            .await?;
+        eventually("the deleted ConfigMap to be applied again", || async {
+            let cm = config_maps.get_opt("red-gateway").await?;
+            Ok(cm
+                .filter(|cm| {
+                    cm.data == rendered && !cm.annotations().contains_key("example.com/note")
+                })
+                .map(|_| ()))
+        })
+        .await?;
+        operator.stop().await?;
+        Ok(cluster)
+    })
+    .await
+}

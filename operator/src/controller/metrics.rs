@@ -34,10 +34,21 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// Labels of `parley_operator_triggers_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// The kind reconciled: `Chatbot`, `Tenant` or `ModelRoute`.
+    pub kind: String,
+    /// The kind whose watch event asked for the reconcile (`Chatbot` itself,
+    /// `Deployment`, `Tenant`, `Secret`, ...).
+    pub source: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<ReconcileLabels, Counter>,
+    triggers: Family<TriggerLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
     leader: Gauge,
     ready: AtomicBool,
@@ -59,6 +70,13 @@ impl Metrics {
             "Reconciles by kind and result (ok or error category)",
             reconciles.clone(),
         );
+        let triggers = Family::<TriggerLabels, Counter>::default();
+        registry.register(
+            "triggers",
+            "Reconciles asked for by watch events, by the kind reconciled and the kind of the \
+             changed object (several asked for while one is queued run once)",
+            triggers.clone(),
+        );
         let duration = Family::<KindLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.005, 2.0, 12))
         });
@@ -76,6 +94,7 @@ impl Metrics {
         Self {
             registry,
             reconciles,
+            triggers,
             duration,
             leader,
             ready: AtomicBool::new(false),
@@ -95,6 +114,19 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Records `n` reconciles of `kind` asked for by an event of a `source`.
+    pub fn triggered(&self, kind: &str, source: &str, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.triggers
+            .get_or_create(&TriggerLabels {
+                kind: kind.to_string(),
+                source: source.to_string(),
+            })
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// How many reconciles of `kind` ended with `result`.

@@ -77,6 +77,9 @@ pub enum Error {
     /// An object without a namespace or name (cannot happen for namespaced kinds).
     #[error("{0} has no namespace or name")]
     Unnamed(String),
+    /// The controller is stopping: its caches of ModelRoutes and Tenants are gone.
+    #[error("the controller is stopping")]
+    Stopping,
 }
 
 impl Error {
@@ -93,6 +96,7 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::Random(_) => "random",
             Error::Unnamed(_) => "unnamed",
+            Error::Stopping => "stopping",
         }
     }
 }
@@ -138,6 +142,11 @@ pub struct Context {
     /// maps watch events to only the Chatbots they concern and skips applies that would
     /// change nothing.
     pub(crate) chatbots: Mutex<HashMap<String, chatbot::Memo>>,
+    /// The Chatbots' labelled children as the Chatbot controller's watches report them.
+    pub(crate) children: chatbot::ChildIndex,
+    /// The status the Tenant controller last wrote per Tenant (`Kind/namespace/name`), and
+    /// the Tenant's resourceVersion it was written over.
+    pub(crate) tenant_status: Mutex<HashMap<String, (Option<String>, parley_crds::TenantStatus)>>,
     /// Key names of the Secrets reconciles have read, shared by the three controllers.
     pub(crate) secret_keys: SecretKeyCache,
     /// Until when the Kong CRDs are known to be absent (a 404 on a Kong kind): pruning
@@ -159,6 +168,8 @@ impl Context {
             settings,
             failures: Mutex::new(HashMap::new()),
             chatbots: Mutex::new(HashMap::new()),
+            children: chatbot::ChildIndex::default(),
+            tenant_status: Mutex::new(HashMap::new()),
             secret_keys: SecretKeyCache::default(),
             kong_absent_until: Mutex::new(None),
         }

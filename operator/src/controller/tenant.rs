@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use parley_crds::tenant::GENERATED_KEY;
 use parley_crds::{Chatbot, Tenant, TenantStatus};
@@ -36,12 +36,19 @@ pub async fn controller(
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.as_deref();
-    let controller = Controller::new(
+    // Only a new generation (a spec change) or a new Tenant triggers a reconcile, not the
+    // status this controller writes (see the Chatbot controller).
+    let (reader, writer) = reflector::store::<Tenant>();
+    let tenants = watcher(
         scoped_api::<Tenant>(&client, ns),
         watcher::Config::default(),
-    );
-    let reader = controller.store();
-    let store = controller.store();
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::for_stream(tenants, reader.clone());
+    let store = reader.clone();
     let chatbot_store = store.clone();
     let secrets_ctx = Arc::clone(&ctx);
     let key_auth_chatbots = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
@@ -87,7 +94,26 @@ pub async fn controller(
 }
 
 async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let tenant = with_known_status(tenant, &ctx);
     measured(tenant.as_ref(), &ctx, reconcile_inner(&tenant, &ctx)).await
+}
+
+/// The Tenant with the status this process last wrote, while the cache still holds the
+/// version it was written over (so the same status is not written twice).
+fn with_known_status(tenant: Arc<Tenant>, ctx: &Context) -> Arc<Tenant> {
+    let known = ctx
+        .tenant_status
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&object_key(tenant.as_ref())).cloned());
+    match known {
+        Some((over, status)) if over.is_some() && over == tenant.meta().resource_version => {
+            let mut newer = tenant.as_ref().clone();
+            newer.status = Some(status);
+            Arc::new(newer)
+        }
+        _ => tenant,
+    }
 }
 
 fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -132,6 +158,12 @@ async fn reconcile_inner(tenant: &Tenant, ctx: &Context) -> Result<Action, Error
     };
     if tenant.status.as_ref() != Some(&status) {
         patch_status(&ctx.client, tenant, &status).await?;
+        if let Ok(mut known) = ctx.tenant_status.lock() {
+            known.insert(
+                object_key(tenant),
+                (tenant.meta().resource_version.clone(), status),
+            );
+        }
     }
     Ok(Action::requeue(RESYNC))
 }
