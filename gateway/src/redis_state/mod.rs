@@ -193,6 +193,8 @@ struct SettleSum {
     r: RedisReservation,
     dt: i128,
     dc: i64,
+    /// When its first settle arrived.
+    since: std::time::Instant,
 }
 
 impl PendingSettles {
@@ -217,7 +219,12 @@ impl PendingSettles {
         if full {
             return false;
         }
-        sums.push(SettleSum { r, dt, dc });
+        sums.push(SettleSum {
+            r,
+            dt,
+            dc,
+            since: std::time::Instant::now(),
+        });
         inner.len += 1;
         drop(inner);
         if first {
@@ -237,13 +244,31 @@ impl PendingSettles {
         sums
     }
 
-    fn take_all(&self) -> Vec<SettleSum> {
+    /// The sums that have waited [`SETTLE_DELAY`] at `now` (all of them if `all`), and
+    /// when the oldest of the others will have.
+    fn take_due(
+        &self,
+        now: std::time::Instant,
+        all: bool,
+    ) -> (Vec<SettleSum>, Option<std::time::Instant>) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        inner.len = 0;
-        std::mem::take(&mut inner.by_tag)
-            .into_values()
-            .flatten()
-            .collect()
+        let mut due = Vec::new();
+        let mut next: Option<std::time::Instant> = None;
+        inner.by_tag.retain(|_, sums| {
+            let mut i = 0;
+            while i < sums.len() {
+                let at = sums[i].since + SETTLE_DELAY;
+                if all || at <= now {
+                    due.push(sums.swap_remove(i));
+                } else {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    i += 1;
+                }
+            }
+            !sums.is_empty()
+        });
+        inner.len -= due.len();
+        (due, next)
     }
 }
 
@@ -1230,28 +1255,40 @@ fn settles_nothing(r: &RedisReservation, dt: i128, dc: i64) -> bool {
     (dt == 0 || r.token_checks().next().is_none()) && (dc == 0 || r.budget_key().is_none())
 }
 
-/// Sends the settle sums no admission took, [`SETTLE_DELAY`] after the first of them
-/// arrived; once the client is gone, sends what is left and ends.
+/// Sends each settle sum that no admission took within [`SETTLE_DELAY`] of its first
+/// settle (under load admissions take nearly all of them); once the client is gone,
+/// sends what is left and ends.
 async fn settle_flusher(redis: Weak<Redis>, conn: Conn, pending: Arc<PendingSettles>) {
     loop {
+        // Woken by the first sum after the queue was empty (or by the client's drop).
         pending.wake.notified().await;
-        tokio::time::sleep(SETTLE_DELAY).await;
-        let sums = pending.take_all();
-        let sums = sums.iter().filter(|s| !settles_nothing(&s.r, s.dt, s.dc));
-        match redis.upgrade() {
-            Some(redis) => {
-                futures_util::future::join_all(sums.map(|s| redis.settle_sum(&s.r, s.dt, s.dc)))
+        let mut at = tokio::time::Instant::now() + SETTLE_DELAY;
+        loop {
+            tokio::time::sleep_until(at).await;
+            let closing = redis.strong_count() == 0;
+            let (due, next) = pending.take_due(std::time::Instant::now(), closing);
+            let due = due.iter().filter(|s| !settles_nothing(&s.r, s.dt, s.dc));
+            match redis.upgrade() {
+                Some(redis) => {
+                    futures_util::future::join_all(due.map(|s| redis.settle_sum(&s.r, s.dt, s.dc)))
+                        .await;
+                }
+                None => {
+                    futures_util::future::join_all(due.map(|s| {
+                        tokio::time::timeout(
+                            COMMAND_TIMEOUT,
+                            send_settle(conn.clone(), &s.r, s.dt, s.dc),
+                        )
+                    }))
                     .await;
+                    if closing {
+                        return;
+                    }
+                }
             }
-            None => {
-                futures_util::future::join_all(sums.map(|s| {
-                    tokio::time::timeout(
-                        COMMAND_TIMEOUT,
-                        send_settle(conn.clone(), &s.r, s.dt, s.dc),
-                    )
-                }))
-                .await;
-                return;
+            match next {
+                Some(t) => at = t.into(),
+                None => break,
             }
         }
     }
