@@ -182,7 +182,11 @@ impl Runtime {
 
 /// What lives across reloads: pooled clients, breakers and the missing-secret log.
 pub struct Shared {
-    clients: Mutex<HashMap<u64, HttpClient>>,
+    /// By (connect timeout, HTTP/2 with prior knowledge).
+    clients: Mutex<HashMap<(u64, bool), HttpClient>>,
+    /// `PARLEY_UPSTREAM_H2C=1`: `http://` upstreams are spoken to in HTTP/2 with prior
+    /// knowledge (h2c), so that their streams share a connection.
+    upstream_h2c: bool,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     warned: Mutex<HashSet<String>>,
     warnings: Mutex<Vec<String>>,
@@ -206,6 +210,7 @@ impl Shared {
     pub fn new(metrics: Arc<Metrics>) -> Result<Self, String> {
         Ok(Self {
             clients: Mutex::new(HashMap::new()),
+            upstream_h2c: std::env::var("PARLEY_UPSTREAM_H2C").is_ok_and(|v| v.trim() == "1"),
             breakers: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
             warnings: Mutex::new(Vec::new()),
@@ -224,11 +229,13 @@ impl Shared {
         self.warnings.lock().clone()
     }
 
-    fn client(&self, connect_ms: u64) -> HttpClient {
+    /// The client for a backend at `base_url`.
+    fn client(&self, connect_ms: u64, base_url: &str) -> HttpClient {
+        let h2c = self.upstream_h2c && base_url.starts_with("http://");
         let mut clients = self.clients.lock();
         clients
-            .entry(connect_ms)
-            .or_insert_with(|| build_client(connect_ms, &self.tls))
+            .entry((connect_ms, h2c))
+            .or_insert_with(|| build_client(connect_ms, &self.tls, h2c))
             .clone()
     }
 
@@ -332,7 +339,8 @@ fn tls_config() -> Result<rustls::ClientConfig, String> {
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
-fn build_client(connect_ms: u64, tls: &rustls::ClientConfig) -> HttpClient {
+/// An upstream client; `h2c`: HTTP/2 only (for `http://` upstreams, prior knowledge).
+fn build_client(connect_ms: u64, tls: &rustls::ClientConfig, h2c: bool) -> HttpClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
     http.set_nodelay(true);
@@ -349,6 +357,7 @@ fn build_client(connect_ms: u64, tls: &rustls::ClientConfig) -> HttpClient {
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
         .http1_writev(false)
+        .http2_only(h2c)
         .build(connector)
 }
 
@@ -650,7 +659,7 @@ pub fn build(
                 auth,
                 weight: b.weight,
                 timeouts: b.timeouts,
-                client: shared.client(b.timeouts.connect_ms),
+                client: shared.client(b.timeouts.connect_ms, &b.base_url),
                 breaker,
                 labels,
             });
