@@ -1869,15 +1869,18 @@ async fn children_changed_by_others_are_put_back_and_foreign_changes_apply_nothi
         let rendered = config_maps.get("red-gateway").await?.data;
         ensure!(rendered.is_some(), "red's ConfigMap has no data");
 
-        // Not the operator's: the Service's status (as a load-balancer controller would
-        // write it) and an annotation of another writer.
+        // Not the operator's: the Service's status (as another controller would write
+        // it) and an annotation of another writer.
         let before = operator_events(&cluster)?.len();
         services
             .patch_status(
                 "red-gateway",
                 &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({
-                    "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.7"}]}}
+                    "status": {"conditions": [{
+                        "type": "example.com/Checked", "status": "True", "reason": "Checked",
+                        "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"
+                    }]}
                 })),
             )
             .await?;
@@ -1894,9 +1897,8 @@ async fn children_changed_by_others_are_put_back_and_foreign_changes_apply_nothi
         ensure!(
             service
                 .status
-                .and_then(|s| s.load_balancer)
-                .and_then(|l| l.ingress)
-                .is_some_and(|i| !i.is_empty()),
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| !c.is_empty()),
             "the Service status was not written"
         );
         // Long enough for both watch events to reach the operator and any apply to land.

@@ -20,7 +20,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Resource, ResourceExt};
 use parley_crds::names::bounded_name;
 use parley_crds::{Chatbot, ChatbotStatus, ModelRoute, Tenant};
@@ -450,6 +450,9 @@ pub(crate) struct Inputs {
     ctx: Arc<Context>,
     routes: Store<ModelRoute>,
     tenants: Store<Tenant>,
+    /// Resolves (true) once both caches were first filled. Shared, because a store's
+    /// own `wait_until_ready` wakes only the last of several reconciles waiting on it.
+    ready: futures::future::Shared<futures::future::BoxFuture<'static, bool>>,
 }
 
 /// Runs the Chatbot controller until `shutdown`.
@@ -461,9 +464,10 @@ pub async fn controller(
     let ns = ctx.settings.namespace.as_deref();
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    // Only a new generation (a spec change) or a new Chatbot triggers a reconcile: the
-    // status the operator writes would otherwise trigger one more after every reconcile.
-    // The cache still takes every change, so a reconcile sees the latest status.
+    // A new Chatbot, a new generation (a spec change) or other labels or annotations (a
+    // "touch") trigger a reconcile, not a status change: the status the operator writes
+    // would otherwise trigger one more after every reconcile. The cache still takes
+    // every change, so a reconcile sees the latest status.
     let (reader, writer) = reflector::store::<Chatbot>();
     let chatbots = watcher(
         scoped_api::<Chatbot>(&client, ns),
@@ -472,7 +476,12 @@ pub async fn controller(
     .default_backoff()
     .reflect(writer)
     .applied_objects()
-    .predicate_filter(predicates::generation, Default::default())
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        Default::default(),
+    )
     .inspect_ok({
         let ctx = Arc::clone(&ctx);
         move |_| ctx.metrics.triggered(KIND, KIND, 1)
@@ -590,6 +599,14 @@ pub async fn controller(
             error_policy,
             Arc::new(Inputs {
                 ctx,
+                ready: {
+                    let (routes, tenants) = (routes.clone(), tenants.clone());
+                    futures::FutureExt::shared(Box::pin(async move {
+                        routes.wait_until_ready().await.is_ok()
+                            && tenants.wait_until_ready().await.is_ok()
+                    })
+                        as futures::future::BoxFuture<'static, bool>)
+                },
                 routes,
                 tenants,
             }),
@@ -1042,12 +1059,9 @@ async fn selected_inputs(
     ns: &str,
     inputs: &Inputs,
 ) -> Result<(Vec<ModelRoute>, Vec<Tenant>), Error> {
-    // Fails only when the caches' writers are gone (the controller is stopping).
-    for ready in [
-        inputs.routes.wait_until_ready().await,
-        inputs.tenants.wait_until_ready().await,
-    ] {
-        ready.map_err(|_| Error::Stopping)?;
+    // False only when the caches' writers are gone (the controller is stopping).
+    if !inputs.ready.clone().await {
+        return Err(Error::Stopping);
     }
     fn pick<K: Resource<DynamicType = ()> + Clone>(
         store: &Store<K>,

@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::{WatchStreamExt, predicates, reflector, watcher};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use parley_crds::tenant::GENERATED_KEY;
 use parley_crds::{Chatbot, Tenant, TenantStatus};
@@ -36,8 +36,9 @@ pub async fn controller(
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.as_deref();
-    // Only a new generation (a spec change) or a new Tenant triggers a reconcile, not the
-    // status this controller writes (see the Chatbot controller).
+    // A new Tenant, a new generation (a spec change) or other labels or annotations
+    // trigger a reconcile, not the status this controller writes (see the Chatbot
+    // controller).
     let (reader, writer) = reflector::store::<Tenant>();
     let tenants = watcher(
         scoped_api::<Tenant>(&client, ns),
@@ -46,7 +47,12 @@ pub async fn controller(
     .default_backoff()
     .reflect(writer)
     .applied_objects()
-    .predicate_filter(predicates::generation, Default::default());
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        Default::default(),
+    );
     let controller = Controller::for_stream(tenants, reader.clone());
     let store = reader.clone();
     let chatbot_store = store.clone();
