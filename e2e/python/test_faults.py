@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
 import anthropic
@@ -114,6 +115,11 @@ def test_breaker_opens_then_sends_one_probe(pair):
     assert gw.metric("parley_circuit_breaker_state", model="gpt-4o", backend="primary") == 0
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG)
     assert raw.headers["x-parley-model"] == "gpt-4o"
+    # Operators see each opening (the first and after the failed probe) and the closing.
+    logs = [json.loads(line) for line in gw.proc.stderr().splitlines() if line.startswith("{")]
+    events = [(r.get("level"), r.get("message", "").split(":")[0]) for r in logs
+              if r.get("backend") == "primary" and "circuit breaker" in r.get("message", "")]
+    assert events == [("WARN", "circuit breaker opened")] * 2 + [("INFO", "circuit breaker closed")], events
 
 
 def test_stream_failing_before_first_byte_falls_back(pair):

@@ -111,7 +111,18 @@ impl Breaker {
 
     /// Records an attempt's outcome; returns the state after it.
     pub fn record(&self, outcome: Outcome, now: Instant) -> BreakerState {
+        self.record_transition(outcome, now).1
+    }
+
+    /// Records an attempt's outcome; returns the states before and after it (for logging
+    /// when the breaker opens or closes, decided under the same lock).
+    pub fn record_transition(
+        &self,
+        outcome: Outcome,
+        now: Instant,
+    ) -> (BreakerState, BreakerState) {
         let mut inner = self.inner.lock();
+        let before = state_of(&inner.state);
         let open_for = inner.open_for;
         let threshold = inner.threshold;
         inner.state = match (&inner.state, outcome) {
@@ -138,7 +149,7 @@ impl Breaker {
             },
             (State::Open { until }, Outcome::Neutral) => State::Open { until: *until },
         };
-        state_of(&inner.state)
+        (before, state_of(&inner.state))
     }
 
     /// The current state.

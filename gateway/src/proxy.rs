@@ -13,7 +13,7 @@ use parley_crds::gateway_config::{ModelKind, Provider};
 use serde_json::{Map, Value};
 use tokio::time::timeout_at;
 
-use crate::breaker::Outcome;
+use crate::breaker::{BreakerState, Outcome};
 use crate::error::{ApiError, ApiFormat, ErrorKind};
 use crate::metrics::AttemptLabels;
 use crate::overhead::ConnTiming;
@@ -331,6 +331,11 @@ pub async fn route_with(
         return Err((e, wait));
     }
     let summary = failures.join("; ");
+    tracing::warn!(
+        request_id = req.request_id.to_str().unwrap_or(""),
+        model = chain.first().map(|m| m.name.as_str()).unwrap_or(""),
+        "no backend could serve the request: {summary}"
+    );
     let err = if !attempted {
         ApiError::new(
             ErrorKind::Unavailable,
@@ -370,7 +375,19 @@ fn record_attempt(
     outcome: Outcome,
     label: &'static str,
 ) {
-    let breaker = backend.breaker.record(outcome, Instant::now());
+    let (before, breaker) = backend.breaker.record_transition(outcome, Instant::now());
+    match (before, breaker) {
+        (BreakerState::Open, _) | (_, BreakerState::HalfOpen) => {}
+        (_, BreakerState::Open) => tracing::warn!(
+            model = %model.name, backend = %backend.name, outcome = label,
+            "circuit breaker opened: the backend takes no requests until a probe succeeds"
+        ),
+        (BreakerState::HalfOpen, BreakerState::Closed) => tracing::info!(
+            model = %model.name, backend = %backend.name,
+            "circuit breaker closed: the probe succeeded"
+        ),
+        (BreakerState::Closed, BreakerState::Closed) => {}
+    }
     state
         .metrics
         .breaker
