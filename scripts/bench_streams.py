@@ -140,12 +140,12 @@ def start_mock(work, name="mock") -> int:
     return port
 
 
-def backend(mock_port, upstream):
+def backend(mock_port, upstream, h2c=False):
     return (f'{{name: mock, provider: openai, baseUrl: "http://127.0.0.1:{mock_port}/v1", '
-            f'apiKey: {{value: sk-upstream}}, upstreamModel: {upstream}}}')
+            f'apiKey: {{value: sk-upstream}}, upstreamModel: {upstream}{", h2c: true" if h2c else ""}}}')
 
 
-def small_config(gw_port, admin_port, mock_port, models=("slow", "fast")) -> str:
+def small_config(gw_port, admin_port, mock_port, models=("slow", "fast"), h2c=False) -> str:
     lines = [
         "apiVersion: parley.dev/gateway/v1",
         f"listen: 127.0.0.1:{gw_port}",
@@ -155,7 +155,7 @@ def small_config(gw_port, admin_port, mock_port, models=("slow", "fast")) -> str
     ]
     for m in models:
         up = "slow" if m == "slow" else "fast"
-        lines += [f"- name: {m}", f"  backends: [{backend(mock_port, up)}]",
+        lines += [f"- name: {m}", f"  backends: [{backend(mock_port, up, h2c)}]",
                   '  pricing: {inputPerMillionTokens: "2.50", outputPerMillionTokens: "10.00"}']
     lines += [
         "tenants:",
@@ -223,8 +223,8 @@ def many_streams(work) -> list[str]:
         d, _ = driver(["--addr", direct, *base]) if (proto == "HTTP/2" and not h2c) or n == h1_max else (None, None)
         mock_cpu = cpu_s(mock_pid) - c0
         print(f"{n} streams over {proto}: gateway ...", flush=True)
-        gw, gw_port, admin, _, _ = start_gateway(work, f"gw-{proto[5]}-{n}{'-h2c' if h2c else ''}", cfg,
-                                                 {**env, "PARLEY_UPSTREAM_H2C": "1" if h2c else "0"})
+        gw, gw_port, admin, _, _ = start_gateway(work, f"gw-{proto[5]}-{n}{'-h2c' if h2c else ''}",
+                                                 lambda g, a: small_config(g, a, mock, h2c=h2c), env)
         time.sleep(0.5)
         idle = status_mib(gw.pid)[0]
         sampler = Sampler(gw.pid)
@@ -254,7 +254,7 @@ def many_streams(work) -> list[str]:
         f"limit {nofile} (the hard limit of this machine, which HTTP/1.1 at 10,000 streams would",
         f"exceed: the gateway holds two sockets a stream there, so HTTP/1.1 stops at {h1_max:,}).",
         f"Upstream protocol: HTTP/1.1 (the mock is plain `http://`, so a connection per stream) or",
-        f"h2c (`PARLEY_UPSTREAM_H2C=1`: HTTP/2 with prior knowledge, every stream on one connection).",
+        f"h2c (the backend's `h2c: true`: HTTP/2 with prior knowledge, every stream on one connection).",
         "",
         "| streams | client protocol | upstream | completed | errors | gateway RSS idle | RSS with all open | peak RSS | per open stream | TTFT p50 / p99 (gateway) | TTFT p50 / p99 (direct) | chunk lag p99 gateway / direct | load after |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",

@@ -79,6 +79,7 @@ pub struct ModelRouteSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.responsesApi) || !self.responsesApi || self.provider == 'openai'").message("responsesApi needs provider openai: only OpenAI-compatible backends serve the Responses API").field_path(".responsesApi"))]
+#[x_kube(validation = Rule::new("!has(self.h2c) || !self.h2c || self.baseUrl.startsWith('http://')").message("h2c is HTTP/2 without TLS and needs an http:// baseUrl; https:// backends negotiate HTTP/2 by themselves").field_path(".h2c"))]
 pub struct Backend {
     /// Unique name of the backend within the route (the `backend` label of metrics and the
     /// `x-parley-backend` response header).
@@ -116,6 +117,11 @@ pub struct Backend {
     /// [false: translated to chat completions, or to Messages for anthropic].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub responses_api: Option<bool>,
+    /// The backend at an `http://` `baseUrl` speaks HTTP/2 without TLS (h2c, prior
+    /// knowledge), so its streams share connections instead of taking one each [false:
+    /// HTTP/1.1; `https://` backends negotiate HTTP/2 by ALPN either way].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2c: Option<bool>,
 }
 
 /// The API the backend speaks: `openai` (any OpenAI-compatible chat completions API) or

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import httpx
+import pytest
+import yaml
 
 from conftest import TENANT_KEY, backend, config_doc, model
 
@@ -98,3 +100,60 @@ def test_tenant_upstream_keys_override_the_backend_key(start_mock, start_gateway
     last = ant.stats()["last_request"]
     assert last["api_key"] == fp("sk-tenant-own-anthropic")
     assert "x-api-key" in last["headers"] and "authorization" not in last["headers"]
+
+
+def _established_to(pid: int, port: int) -> int:
+    """TCP connections of process `pid` in state ESTABLISHED to 127.0.0.1:`port`."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    n = 0
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == f"0100007F:{port:04X}" and fields[3] == "01" and fields[9] in inodes:
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("h2c", [False, True], ids=["http1", "h2c"])
+def test_h2c_backends_share_one_connection_for_all_streams(start_mock, start_gateway, h2c):
+    import concurrent.futures
+
+    import openai
+
+    mock = start_mock("m", "--tokens-per-second", "10", "--reply-tokens", "10")
+    gw = start_gateway(config_doc([model("gpt-4o", [backend(mock, h2c=h2c)] if h2c else [backend(mock)])]))
+    mock_port = int(mock.addr.rsplit(":", 1)[1])
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=TENANT_KEY, max_retries=0, timeout=30)
+    opened = concurrent.futures.ThreadPoolExecutor(12)
+    streams = list(opened.map(lambda _: client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True), range(12)))
+    firsts = [next(iter(s)) for s in streams]
+    # All 12 are open upstream at once (1 s each): one connection with h2c, one each without.
+    assert _established_to(gw.proc.popen.pid, mock_port) == (1 if h2c else 12)
+    texts = list(opened.map(lambda s: "".join(c.choices[0].delta.content or "" for c in s if c.choices), streams))
+    assert len(firsts) == 12 and all(texts), texts
+    assert mock.stats()["streams_completed"] == 12
+    # And a plain request over the same connection.
+    reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+
+
+def test_h2c_needs_an_http_base_url(start_mock, binaries, tmp_path):
+    import subprocess
+
+    from conftest import GATEWAY_BIN
+
+    doc = config_doc([model("gpt-4o", [{"name": "p", "provider": "openai", "baseUrl": "https://api.example/v1", "h2c": True}])])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = subprocess.run([GATEWAY_BIN, "check", "--config", path], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "models[0].backends[0].h2c: h2c is HTTP/2 without TLS and needs an http:// baseUrl" in out.stderr, out.stderr

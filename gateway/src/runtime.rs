@@ -184,9 +184,6 @@ impl Runtime {
 pub struct Shared {
     /// By (connect timeout, HTTP/2 with prior knowledge).
     clients: Mutex<HashMap<(u64, bool), HttpClient>>,
-    /// `PARLEY_UPSTREAM_H2C=1`: `http://` upstreams are spoken to in HTTP/2 with prior
-    /// knowledge (h2c), so that their streams share a connection.
-    upstream_h2c: bool,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     warned: Mutex<HashSet<String>>,
     warnings: Mutex<Vec<String>>,
@@ -210,7 +207,6 @@ impl Shared {
     pub fn new(metrics: Arc<Metrics>) -> Result<Self, String> {
         Ok(Self {
             clients: Mutex::new(HashMap::new()),
-            upstream_h2c: std::env::var("PARLEY_UPSTREAM_H2C").is_ok_and(|v| v.trim() == "1"),
             breakers: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
             warnings: Mutex::new(Vec::new()),
@@ -229,9 +225,8 @@ impl Shared {
         self.warnings.lock().clone()
     }
 
-    /// The client for a backend at `base_url`.
-    fn client(&self, connect_ms: u64, base_url: &str) -> HttpClient {
-        let h2c = self.upstream_h2c && base_url.starts_with("http://");
+    /// The client for a backend (`h2c`: HTTP/2 with prior knowledge, for `http://`).
+    fn client(&self, connect_ms: u64, h2c: bool) -> HttpClient {
         let mut clients = self.clients.lock();
         clients
             .entry((connect_ms, h2c))
@@ -659,7 +654,7 @@ pub fn build(
                 auth,
                 weight: b.weight,
                 timeouts: b.timeouts,
-                client: shared.client(b.timeouts.connect_ms, &b.base_url),
+                client: shared.client(b.timeouts.connect_ms, b.h2c),
                 breaker,
                 labels,
             });

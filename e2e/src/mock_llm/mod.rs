@@ -200,7 +200,7 @@ pub async fn bind(addr: impl ToSocketAddrs, config: MockConfig) -> std::io::Resu
 
 async fn accept_loop(listener: TcpListener, app: Router) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A gateway speaking h2c (`PARLEY_UPSTREAM_H2C`) sends all its streams over one
+    // A gateway speaking h2c (a backend with `h2c: true`) sends all its streams over one
     // connection: no cap below the benchmarks' 10,000.
     builder.http2().max_concurrent_streams(None);
     // Dropping the set (when this task is aborted) aborts every connection.

@@ -106,6 +106,7 @@ fn model(route: &ModelRoute) -> ModelConfig {
                         total_ms: timeouts.total_ms.unwrap_or(defaults.total_ms),
                     },
                     responses_api: b.responses_api.unwrap_or(false),
+                    h2c: b.h2c.unwrap_or(false),
                 }
             })
             .collect(),

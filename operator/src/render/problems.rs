@@ -282,6 +282,13 @@ fn check_route(
                 "spec.kind is embeddings, but Anthropic has no embeddings API; use an openai backend or kind chat",
             ));
         }
+        if backend.h2c == Some(true) && !backend.base_url.starts_with("http://") {
+            problems.push(Problem::error(
+                object.clone(),
+                format!("spec.backends[{i}].h2c"),
+                "h2c is HTTP/2 without TLS and needs an http:// baseUrl; https:// backends negotiate HTTP/2 by themselves, remove it",
+            ));
+        }
         if backend.responses_api == Some(true) && backend.provider != Provider::Openai {
             problems.push(Problem::error(
                 object.clone(),

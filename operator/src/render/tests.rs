@@ -121,6 +121,26 @@ fn responses_api_is_rendered_and_checked() {
 }
 
 #[test]
+fn h2c_is_rendered_and_checked() {
+    let mut h2c = route("a", &[]);
+    h2c.spec.backends[0].h2c = Some(true);
+    let rendered = run(&chatbot("bot", ""), &[h2c.clone()], &[]).unwrap();
+    let text = &rendered.config_map.data.as_ref().unwrap()["config.yaml"];
+    let config = parley_crds::GatewayConfig::from_yaml(text).unwrap();
+    assert!(config.models[0].backends[0].h2c, "{text}");
+
+    let mut bad = h2c;
+    bad.spec.backends[0].base_url = "https://upstream/v1".into();
+    let problems = errors(run(&chatbot("bot", ""), &[bad], &[]));
+    assert_one_error(
+        &problems,
+        "ModelRoute/ns/a",
+        "spec.backends[0].h2c",
+        "h2c is HTTP/2 without TLS and needs an http:// baseUrl",
+    );
+}
+
+#[test]
 fn embeddings_kind_is_rendered_and_checked() {
     let mut embed = route("e", &[]);
     embed.spec.kind = Some(parley_crds::model_route::ModelKind::Embeddings);
