@@ -14,6 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
 use kube::{Resource, ResourceExt};
 use parley_crds::tenant::GENERATED_KEY;
@@ -66,7 +67,9 @@ pub async fn controller(
             watcher::Config::default(),
             move |secret| {
                 secrets_ctx.secret_keys.on_event(secret.meta());
-                naming(&store, &secret, tenant_secrets)
+                let mut tenants = naming(&store, &secret, tenant_secrets);
+                tenants.extend(credential_owner(&secret));
+                tenants
             },
         )
         // A change (its deletion included) of a Chatbot with `kong.keyAuth`, or of one that
@@ -97,6 +100,26 @@ pub async fn controller(
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile, error_policy, ctx);
     drain(KIND, stream, reader, shutdown).await;
+}
+
+/// The Tenant a Kong credential copy belongs to. A Chatbot reconcile that was already
+/// running when its Chatbot went away can write a copy (and its consumer, written just
+/// before it) after the Tenant pruned them: the copy's event makes the Tenant check again.
+fn credential_owner(secret: &PartialObjectMeta<Secret>) -> Option<ObjectRef<Tenant>> {
+    let meta = secret.meta();
+    let is_copy = meta
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(crate::render::kong::CREDENTIAL_LABEL));
+    if !is_copy || meta.deletion_timestamp.is_some() {
+        return None;
+    }
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.kind == "Tenant" && o.api_version == Tenant::api_version(&()))?;
+    Some(ObjectRef::new(&owner.name).within(meta.namespace.as_deref()?))
 }
 
 async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
