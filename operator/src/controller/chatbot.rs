@@ -20,7 +20,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use parley_crds::names::bounded_name;
 use parley_crds::{Chatbot, ChatbotStatus, ModelRoute, Tenant};
@@ -468,21 +468,8 @@ pub async fn controller(
     // "touch") trigger a reconcile, not a status change: the status the operator writes
     // would otherwise trigger one more after every reconcile. The cache still takes
     // every change, so a reconcile sees the latest status.
-    let (reader, writer) = reflector::store::<Chatbot>();
-    let chatbots = watcher(
-        scoped_api::<Chatbot>(&client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects()
-    .predicate_filter(
-        predicates::generation
-            .combine(predicates::labels)
-            .combine(predicates::annotations),
-        Default::default(),
-    )
-    .inspect_ok({
+    let (reader, chatbots) = super::spec_changes::<Chatbot>(&client, ns);
+    let chatbots = chatbots.inspect_ok({
         let ctx = Arc::clone(&ctx);
         move |_| ctx.metrics.triggered(KIND, KIND, 1)
     });

@@ -598,6 +598,44 @@ where
         .collect()
 }
 
+/// The objects of kind `K` (in `namespace`, or all) in a reflector store, and the stream of
+/// those that are new or have a new generation (a spec change), other labels or other
+/// annotations (a "touch"): the status a controller writes does not reconcile the object
+/// again, while the store still takes every change, so a reconcile sees the latest status.
+pub(crate) fn spec_changes<K>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> (
+    kube::runtime::reflector::Store<K>,
+    impl futures::Stream<Item = Result<K, kube::runtime::watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
+    let (reader, writer) = reflector::store::<K>();
+    let changes = watcher(
+        scoped_api::<K>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation
+            .combine(predicates::labels)
+            .combine(predicates::annotations),
+        Default::default(),
+    );
+    (reader, changes)
+}
+
 /// An `Api` for a namespaced kind: one namespace, or all of them.
 pub(crate) fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where

@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use parley_crds::tenant::GENERATED_KEY;
 use parley_crds::{Chatbot, Tenant, TenantStatus};
@@ -40,20 +40,7 @@ pub async fn controller(
     // A new Tenant, a new generation (a spec change) or other labels or annotations
     // trigger a reconcile, not the status this controller writes (see the Chatbot
     // controller).
-    let (reader, writer) = reflector::store::<Tenant>();
-    let tenants = watcher(
-        scoped_api::<Tenant>(&client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .applied_objects()
-    .predicate_filter(
-        predicates::generation
-            .combine(predicates::labels)
-            .combine(predicates::annotations),
-        Default::default(),
-    );
+    let (reader, tenants) = super::spec_changes::<Tenant>(&client, ns);
     let controller = Controller::for_stream(tenants, reader.clone());
     let store = reader.clone();
     let chatbot_store = store.clone();
