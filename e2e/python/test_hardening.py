@@ -182,6 +182,10 @@ def test_a_panic_in_a_handler_is_a_500_in_the_api_shape_and_the_gateway_serves_o
         assert err["type"] == "api_error" and err["code"] == "internal_error"
         assert r.headers["x-request-id"]
     assert gw.proc.alive()
+    # Counted as what the client got, not as a client that went away.
+    assert gw.metric("parley_requests_total", api="openai", status="500") == 3
+    assert gw.metric("parley_requests_total", status="499") == 0
+    assert gw.metric("parley_in_flight_requests") == 0
     r = gw.post("/v1/chat/completions", {"messages": MSG})
     assert r.status_code == 200, r.text
     assert '"injected panic' not in r.text

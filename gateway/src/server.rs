@@ -153,15 +153,24 @@ pub fn chat_router(
         .service(routes)
 }
 
-/// Test-only routes: `POST /_test/panic` panics in its handler. Present only in debug
+/// Test-only routes: `POST /_test/panic` panics in its handler (as the `openai` API). Present only in debug
 /// builds and only when `PARLEY_TEST_HOOKS=1`; never in a release build.
 fn test_hooks(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
     #[cfg(debug_assertions)]
     {
         if std::env::var("PARLEY_TEST_HOOKS").is_ok_and(|v| v == "1") {
+            use futures_util::FutureExt as _;
             #[allow(clippy::panic)]
-            async fn panic_now() -> Response {
+            async fn injected(_ctx: &mut api::Ctx) -> Result<Response, ApiError> {
                 panic!("injected panic (PARLEY_TEST_HOOKS)")
+            }
+            // As an API handler that panics mid-request, once its accounting started.
+            async fn panic_now(State(state): State<Arc<AppState>>) -> Response {
+                let mut ctx = api::Ctx::new(&state, ApiFormat::OpenAi, "openai");
+                let outcome = std::panic::AssertUnwindSafe(injected(&mut ctx))
+                    .catch_unwind()
+                    .await;
+                ctx.respond_or_resume(outcome)
             }
             return routes.route("/_test/panic", post(panic_now).get(panic_now));
         }

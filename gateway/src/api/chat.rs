@@ -2,6 +2,9 @@
 //! puts the Chatbot's system prompt and the stored history before them, stores the new
 //! turns with the reply, and answers `{session_id, reply, model, usage}`.
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +32,10 @@ use crate::translate::Usage;
 /// `POST /chat`.
 pub async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let mut ctx = Ctx::new(&state, ApiFormat::OpenAi, "chat");
-    let result = serve(&mut ctx, headers, body).await;
-    ctx.respond(result)
+    let outcome = AssertUnwindSafe(serve(&mut ctx, headers, body))
+        .catch_unwind()
+        .await;
+    ctx.respond_or_resume(outcome)
 }
 
 /// Bytes `v` takes as JSON (counted, not written).

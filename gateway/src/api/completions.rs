@@ -1,5 +1,8 @@
 //! `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic).
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -31,8 +34,10 @@ pub async fn chat_completions(
     body: Body,
 ) -> Response {
     let mut ctx = Ctx::new(&state, ApiFormat::OpenAi, "openai");
-    let result = serve(&mut ctx, headers, body).await;
-    ctx.respond(result)
+    let outcome = AssertUnwindSafe(serve(&mut ctx, headers, body))
+        .catch_unwind()
+        .await;
+    ctx.respond_or_resume(outcome)
 }
 
 /// `POST /v1/messages`.
@@ -42,8 +47,10 @@ pub async fn messages(
     body: Body,
 ) -> Response {
     let mut ctx = Ctx::new(&state, ApiFormat::Anthropic, "anthropic");
-    let result = serve(&mut ctx, headers, body).await;
-    ctx.respond(result)
+    let outcome = AssertUnwindSafe(serve(&mut ctx, headers, body))
+        .catch_unwind()
+        .await;
+    ctx.respond_or_resume(outcome)
 }
 
 async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {

@@ -3,6 +3,9 @@
 //! tokens exist: admission reserves the input estimate (no output), the upstream's
 //! `usage.prompt_tokens` settles it, and the ledger row has 0 output tokens.
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -39,8 +42,10 @@ pub async fn embeddings(
     body: Body,
 ) -> Response {
     let mut ctx = Ctx::new(&state, ApiFormat::OpenAi, "embeddings");
-    let result = serve(&mut ctx, headers, body).await;
-    ctx.respond(result)
+    let outcome = AssertUnwindSafe(serve(&mut ctx, headers, body))
+        .catch_unwind()
+        .await;
+    ctx.respond_or_resume(outcome)
 }
 
 async fn serve(ctx: &mut Ctx, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {

@@ -111,6 +111,28 @@ impl Ctx {
 
     /// The response for a handler's result: an error in the API's shape (recorded with
     /// its status), or the answer as it is.
+    /// As [`Ctx::respond`], for the outcome of `serve` run under
+    /// [`futures_util::FutureExt::catch_unwind`]: a panic is recorded as the 500 the
+    /// client gets (from the catch-panic layer, which the panic is passed on to), not as a
+    /// client that went away.
+    pub fn respond_or_resume(
+        mut self,
+        outcome: std::thread::Result<Result<Response, ApiError>>,
+    ) -> Response {
+        match outcome {
+            Ok(result) => self.respond(result),
+            Err(panic) => {
+                self.client_gone = None;
+                if let Some(acct) = self.acct.as_mut() {
+                    acct.finish(500, crate::translate::Usage::default());
+                }
+                drop(self);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// Answers with `result` (an error in this API's shape) and records it.
     pub fn respond(mut self, result: Result<Response, ApiError>) -> Response {
         // Answered: the client is still there.
         self.client_gone = None;

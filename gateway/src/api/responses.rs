@@ -13,6 +13,9 @@
 //! TTL as `{"response": ..., "items": [...]}`, `items` being the whole conversation (its
 //! input and its output), so a continuation needs one read.
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,8 +53,10 @@ pub async fn create(
     body: Body,
 ) -> Response {
     let mut ctx = Ctx::new(&state, ApiFormat::OpenAi, "responses");
-    let result = serve(&mut ctx, headers, body).await;
-    ctx.respond(result)
+    let outcome = AssertUnwindSafe(serve(&mut ctx, headers, body))
+        .catch_unwind()
+        .await;
+    ctx.respond_or_resume(outcome)
 }
 
 /// What a stored response and the request continuing it need.
