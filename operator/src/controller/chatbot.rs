@@ -468,7 +468,7 @@ pub async fn controller(
     // "touch") trigger a reconcile, not a status change: the status the operator writes
     // would otherwise trigger one more after every reconcile. The cache still takes
     // every change, so a reconcile sees the latest status.
-    let (reader, chatbots) = super::spec_changes::<Chatbot>(&client, ns);
+    let (reader, chatbots) = super::spec_changes::<Chatbot>(&client, ns, Arc::clone(&ctx));
     let chatbots = chatbots.inspect_ok({
         let ctx = Arc::clone(&ctx);
         move |_| ctx.metrics.triggered(KIND, KIND, 1)

@@ -268,6 +268,60 @@ impl Context {
             map.remove(key);
         }
     }
+
+    /// Forgets what was kept about Chatbots or Tenants (kind `K`) that are gone: one that
+    /// was deleted, or, after a relist, every one not in the store.
+    pub(crate) fn forget<K>(&self, gone: Gone<'_, K>)
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let kind = K::kind(&());
+        let is_chatbot = kind == Chatbot::kind(&());
+        let is_tenant = kind == Tenant::kind(&());
+        match gone {
+            Gone::Deleted(obj) => {
+                // `Kind/namespace/name`; the Chatbot memos drop the kind.
+                let key = object_key(obj);
+                if let Ok(mut map) = self.failures.lock() {
+                    map.remove(&key);
+                }
+                let short = key.split_once('/').map_or("", |(_, rest)| rest);
+                if is_chatbot && let Ok(mut memos) = self.chatbots.lock() {
+                    memos.remove(short);
+                }
+                if is_tenant && let Ok(mut known) = self.tenant_status.lock() {
+                    known.remove(&key);
+                }
+            }
+            Gone::AllBut(store) => {
+                let exists = |short: &str| {
+                    short.split_once('/').is_none_or(|(ns, name)| {
+                        store.get(&ObjectRef::new(name).within(ns)).is_some()
+                    })
+                };
+                let prefix = format!("{kind}/");
+                let kept = |key: &str| key.strip_prefix(prefix.as_str()).is_none_or(exists);
+                if let Ok(mut map) = self.failures.lock() {
+                    map.retain(|k, _| kept(k));
+                }
+                if is_chatbot && let Ok(mut memos) = self.chatbots.lock() {
+                    memos.retain(|k, _| exists(k));
+                }
+                if is_tenant && let Ok(mut known) = self.tenant_status.lock() {
+                    known.retain(|k, _| kept(k));
+                }
+            }
+        }
+    }
+}
+
+/// Objects that are gone, for [`Context::forget`].
+pub(crate) enum Gone<'a, K: Clone + Resource<DynamicType = ()> + 'static> {
+    /// This one was deleted.
+    Deleted(&'a K),
+    /// A relist: every object not in this store is gone (deletions while the watch was
+    /// down are not reported one by one).
+    AllBut(&'a kube::runtime::reflector::Store<K>),
 }
 
 /// `1 s * 2^(attempt-1)`, capped at 300 s, stretched by `jitter` (0.0..0.2).
@@ -602,9 +656,11 @@ where
 /// those that are new or have a new generation (a spec change), other labels or other
 /// annotations (a "touch"): the status a controller writes does not reconcile the object
 /// again, while the store still takes every change, so a reconcile sees the latest status.
+/// What `ctx` keeps about an object is forgotten when it is deleted.
 pub(crate) fn spec_changes<K>(
     client: &Client,
     namespace: Option<&str>,
+    ctx: Arc<Context>,
 ) -> (
     kube::runtime::reflector::Store<K>,
     impl futures::Stream<Item = Result<K, kube::runtime::watcher::Error>> + Send + 'static,
@@ -620,12 +676,19 @@ where
 {
     use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector, watcher};
     let (reader, writer) = reflector::store::<K>();
+    let store = reader.clone();
     let changes = watcher(
         scoped_api::<K>(client, namespace),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(writer)
+    // What is kept per object goes with it (the store already has the event).
+    .inspect_ok(move |event| match event {
+        watcher::Event::Delete(obj) => ctx.forget(Gone::Deleted(obj)),
+        watcher::Event::InitDone => ctx.forget(Gone::AllBut(&store)),
+        _ => {}
+    })
     .applied_objects()
     .predicate_filter(
         predicates::generation
@@ -761,6 +824,76 @@ pub(crate) async fn drain<S, T, E, K>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn what_is_kept_about_an_object_goes_when_it_is_deleted_or_relisted_away()
+    -> Result<(), Box<dyn std::error::Error>> {
+        // No request is made: building a client does no I/O.
+        let client = Client::try_from(kube::Config::new("http://127.0.0.1:9".parse()?))?;
+        let settings = Settings {
+            gateway_image: "gw".into(),
+            namespace: None,
+            instance: None,
+        };
+        let ctx = Context::new(client, settings, Arc::new(Metrics::new()));
+        let chatbot = |ns: &str, name: &str| {
+            serde_json::from_value::<Chatbot>(serde_json::json!({
+                "apiVersion": "parley.dev/v1alpha1", "kind": "Chatbot",
+                "metadata": {"namespace": ns, "name": name},
+                "spec": {"defaultModel": "m"},
+            }))
+        };
+        let (a, b, c) = (chatbot("x", "a")?, chatbot("x", "b")?, chatbot("y", "c")?);
+        for bot in [&a, &b, &c] {
+            ctx.failure_backoff(&object_key(bot));
+            if let Ok(mut memos) = ctx.chatbots.lock() {
+                memos.insert(
+                    format!("{}/{}", bot.namespace().unwrap_or_default(), bot.name_any()),
+                    Default::default(),
+                );
+            }
+        }
+        ctx.failure_backoff("Tenant/x/a");
+        let kept = |ctx: &Context| {
+            let mut failures: Vec<String> = ctx
+                .failures
+                .lock()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            let mut memos: Vec<String> = ctx
+                .chatbots
+                .lock()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            failures.sort();
+            memos.sort();
+            (failures, memos)
+        };
+        ctx.forget(Gone::Deleted(&a));
+        assert_eq!(
+            kept(&ctx),
+            (
+                vec![
+                    "Chatbot/x/b".to_string(),
+                    "Chatbot/y/c".into(),
+                    "Tenant/x/a".into()
+                ],
+                vec!["x/b".to_string(), "y/c".into()]
+            )
+        );
+        // A relist that no longer has b: c stays, and so does the Tenant of the same name.
+        let (reader, mut writer) = kube::runtime::reflector::store::<Chatbot>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(c.clone()));
+        ctx.forget(Gone::AllBut(&reader));
+        assert_eq!(
+            kept(&ctx),
+            (
+                vec!["Chatbot/y/c".to_string(), "Tenant/x/a".into()],
+                vec!["y/c".to_string()]
+            )
+        );
+        Ok(())
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -40,7 +40,7 @@ pub async fn controller(
     // A new Tenant, a new generation (a spec change) or other labels or annotations
     // trigger a reconcile, not the status this controller writes (see the Chatbot
     // controller).
-    let (reader, tenants) = super::spec_changes::<Tenant>(&client, ns);
+    let (reader, tenants) = super::spec_changes::<Tenant>(&client, ns, Arc::clone(&ctx));
     let controller = Controller::for_stream(tenants, reader.clone());
     let store = reader.clone();
     let chatbot_store = store.clone();
