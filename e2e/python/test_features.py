@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import yaml
@@ -144,6 +146,39 @@ def test_h2c_backends_share_one_connection_for_all_streams(start_mock, start_gat
     # And a plain request over the same connection.
     reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content
+
+
+def test_streams_beyond_one_http2_connections_limit_open_another_connection(start_mock, start_gateway):
+    """A server allows 100 streams per HTTP/2 connection: the 101st stream gets a second
+    connection instead of waiting for one of the first 100 to end."""
+    import concurrent.futures
+
+    import openai
+
+    # Each stream lasts about 6 s upstream.
+    mock = start_mock("m", "--tokens-per-second", "5", "--reply-tokens", "30", "--h2-max-streams", "100")
+    gw = start_gateway(config_doc([model("gpt-4o", [backend(mock, h2c=True)])]))
+    mock_port = int(mock.addr.rsplit(":", 1)[1])
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=TENANT_KEY, max_retries=0, timeout=60)
+    n = 130
+
+    def first_token_after(_):
+        t0 = time.monotonic()
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        ttft = time.monotonic() - t0
+        return ttft, stream, chunks
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        opened = list(pool.map(first_token_after, range(n)))
+        assert _established_to(gw.proc.popen.pid, mock_port) == 2
+        texts = list(pool.map(lambda o: "".join(c.choices[0].delta.content or "" for c in o[2] if c.choices), opened))
+    ttfts = sorted(o[0] for o in opened)
+    # Waiting for a stream to end would take about 6 s.
+    assert ttfts[-1] < 3, ttfts[-10:]
+    assert all(texts) and mock.stats()["streams_completed"] == n
 
 
 def test_h2c_needs_an_http_base_url(start_mock, binaries, tmp_path):

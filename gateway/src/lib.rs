@@ -21,6 +21,7 @@ pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod translate;
+pub mod upstream;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -8,7 +8,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use parley_crds::gateway_config::{ModelKind, Provider};
 use serde_json::{Map, Value};
 use tokio::time::timeout_at;
@@ -61,7 +60,7 @@ pub struct StreamStart {
     /// Parser with any partial event.
     pub parser: SseParser,
     /// The rest of the upstream body.
-    pub body: Incoming,
+    pub body: crate::upstream::UpstreamBody,
     /// End of the whole call.
     pub deadline: tokio::time::Instant,
 }

@@ -25,6 +25,7 @@ use crate::breaker::Breaker;
 use crate::ledger::Ledger;
 use crate::metrics::{BackendLabels, Label, Metrics};
 use crate::redis_state::{self, Redis};
+use crate::upstream::Upstream;
 
 /// The HTTP client used for upstream calls (HTTP/1.1 and HTTP/2, TLS via rustls).
 pub type HttpClient =
@@ -70,7 +71,7 @@ pub struct Backend {
     /// Timeouts.
     pub timeouts: TimeoutsConfig,
     /// Pooled connections to this backend.
-    pub client: HttpClient,
+    pub client: Upstream,
     /// Its breaker (kept across reloads).
     pub breaker: Arc<Breaker>,
     /// Pre-built metric labels.
@@ -183,7 +184,7 @@ impl Runtime {
 /// What lives across reloads: pooled clients, breakers and the missing-secret log.
 pub struct Shared {
     /// By (connect timeout, HTTP/2 with prior knowledge).
-    clients: Mutex<HashMap<(u64, bool), HttpClient>>,
+    clients: Mutex<HashMap<(u64, bool), Upstream>>,
     breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     warned: Mutex<HashSet<String>>,
     warnings: Mutex<Vec<String>>,
@@ -226,11 +227,14 @@ impl Shared {
     }
 
     /// The client for a backend (`h2c`: HTTP/2 with prior knowledge, for `http://`).
-    fn client(&self, connect_ms: u64, h2c: bool) -> HttpClient {
+    fn client(&self, connect_ms: u64, h2c: bool) -> Upstream {
         let mut clients = self.clients.lock();
         clients
             .entry((connect_ms, h2c))
-            .or_insert_with(|| build_client(connect_ms, &self.tls, h2c))
+            .or_insert_with(|| {
+                let tls = self.tls.clone();
+                Upstream::new(move || build_client(connect_ms, &tls, h2c))
+            })
             .clone()
     }
 
@@ -320,7 +324,7 @@ impl Shared {
     }
 }
 
-fn tls_config() -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_config() -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -335,7 +339,7 @@ fn tls_config() -> Result<rustls::ClientConfig, String> {
 }
 
 /// An upstream client; `h2c`: HTTP/2 only (for `http://` upstreams, prior knowledge).
-fn build_client(connect_ms: u64, tls: &rustls::ClientConfig, h2c: bool) -> HttpClient {
+pub(crate) fn build_client(connect_ms: u64, tls: &rustls::ClientConfig, h2c: bool) -> HttpClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_millis(connect_ms)));
     http.set_nodelay(true);

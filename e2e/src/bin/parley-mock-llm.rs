@@ -24,7 +24,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let handle = match mock_llm::bind(args.listen.as_str(), config).await {
+    let handle = match mock_llm::bind_with(args.listen.as_str(), config, args.h2_max_streams).await
+    {
         Ok(h) => h,
         Err(e) => {
             let _ = writeln!(

@@ -63,6 +63,9 @@ pub struct Args {
     /// Per-model overrides as JSON, e.g. '{"gpt-4o": {"fail_status": 429}}'.
     #[arg(long)]
     pub models: Option<String>,
+    /// HTTP/2: at most this many concurrent streams per connection (default: no limit).
+    #[arg(long)]
+    pub h2_max_streams: Option<u32>,
 }
 
 impl Args {

@@ -183,6 +183,16 @@ pub async fn spawn(config: MockConfig) -> std::io::Result<MockHandle> {
 
 /// Starts a mock listening on `addr` with `config`.
 pub async fn bind(addr: impl ToSocketAddrs, config: MockConfig) -> std::io::Result<MockHandle> {
+    bind_with(addr, config, None).await
+}
+
+/// As [`bind`], with HTTP/2 connections that allow at most `h2_max_streams` concurrent
+/// streams (`None`: no limit), as providers' servers do.
+pub async fn bind_with(
+    addr: impl ToSocketAddrs,
+    config: MockConfig,
+    h2_max_streams: Option<u32>,
+) -> std::io::Result<MockHandle> {
     let live =
         Live::new(config).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let listener = TcpListener::bind(addr).await?;
@@ -193,16 +203,16 @@ pub async fn bind(addr: impl ToSocketAddrs, config: MockConfig) -> std::io::Resu
         seq: AtomicU64::new(1),
     });
     let app = router(Arc::clone(&shared));
-    let task = tokio::spawn(accept_loop(listener, app));
+    let task = tokio::spawn(accept_loop(listener, app, h2_max_streams));
     tracing::info!(%addr, "parley-mock-llm listening");
     Ok(MockHandle { addr, shared, task })
 }
 
-async fn accept_loop(listener: TcpListener, app: Router) {
+async fn accept_loop(listener: TcpListener, app: Router, h2_max_streams: Option<u32>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A gateway speaking h2c (a backend with `h2c: true`) sends all its streams over one
-    // connection: no cap below the benchmarks' 10,000.
-    builder.http2().max_concurrent_streams(None);
+    // A gateway speaking h2c (a backend with `h2c: true`) may send all its streams over
+    // one connection: no cap below the benchmarks' 10,000 unless asked for.
+    builder.http2().max_concurrent_streams(h2_max_streams);
     // Dropping the set (when this task is aborted) aborts every connection.
     let mut conns = JoinSet::new();
     loop {
