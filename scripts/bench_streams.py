@@ -243,7 +243,7 @@ def many_streams(work) -> list[str]:
         f"limit {nofile} (the hard limit of this machine, which HTTP/1.1 at 10,000 streams would",
         f"exceed: the gateway holds two sockets a stream there, so HTTP/1.1 stops at {h1_max:,}).",
         f"Upstream protocol: HTTP/1.1 (the mock is plain `http://`, so a connection per stream) or",
-        f"h2c (the backend's `h2c: true`: HTTP/2 with prior knowledge, every stream on one connection).",
+        f"h2c (the backend's `h2c: true`: HTTP/2 with prior knowledge, up to 100 streams a connection, so 10,000 streams on 64).",
         "",
         "| streams | client protocol | upstream | completed | errors | gateway RSS idle | RSS with all open | peak RSS | per open stream | TTFT p50 / p99 (gateway) | TTFT p50 / p99 (direct) | chunk lag p99 gateway / direct | load after |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
