@@ -153,8 +153,9 @@ pub fn chat_router(
         .service(routes)
 }
 
-/// Test-only routes: `POST /_test/panic` panics in its handler (as the `openai` API). Present only in debug
-/// builds and only when `PARLEY_TEST_HOOKS=1`; never in a release build.
+/// Test-only routes: `POST /_test/panic` panics in its handler (as the `openai` API, once
+/// its accounting started). Present only in debug builds and only when
+/// `PARLEY_TEST_HOOKS=1`; never in a release build.
 fn test_hooks(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
     #[cfg(debug_assertions)]
     {

@@ -3,8 +3,6 @@
 //! turns with the reply, and answers `{session_id, reply, model, usage}`.
 
 use std::panic::AssertUnwindSafe;
-
-use futures_util::FutureExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 

@@ -1,14 +1,13 @@
 //! `POST /v1/chat/completions` (OpenAI) and `POST /v1/messages` (Anthropic).
 
 use std::panic::AssertUnwindSafe;
-
-use futures_util::FutureExt as _;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
+use futures_util::FutureExt as _;
 use parley_crds::gateway_config::ModelKind;
 use serde_json::{Map, Value, json};
 

@@ -4,14 +4,13 @@
 //! `usage.prompt_tokens` settles it, and the ledger row has 0 output tokens.
 
 use std::panic::AssertUnwindSafe;
-
-use futures_util::FutureExt as _;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
+use futures_util::FutureExt as _;
 use parley_crds::gateway_config::ModelKind;
 use serde::Deserialize;
 use serde::de::IgnoredAny;

@@ -109,8 +109,6 @@ impl Ctx {
             .unwrap_or_else(Instant::now)
     }
 
-    /// The response for a handler's result: an error in the API's shape (recorded with
-    /// its status), or the answer as it is.
     /// As [`Ctx::respond`], for the outcome of `serve` run under
     /// [`futures_util::FutureExt::catch_unwind`]: a panic is recorded as the 500 the
     /// client gets (from the catch-panic layer, which the panic is passed on to), not as a
@@ -132,7 +130,8 @@ impl Ctx {
         }
     }
 
-    /// Answers with `result` (an error in this API's shape) and records it.
+    /// The response for a handler's result: an error in the API's shape (recorded with
+    /// its status), or the answer as it is.
     pub fn respond(mut self, result: Result<Response, ApiError>) -> Response {
         // Answered: the client is still there.
         self.client_gone = None;

@@ -14,8 +14,6 @@
 //! input and its output), so a continuation needs one read.
 
 use std::panic::AssertUnwindSafe;
-
-use futures_util::FutureExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +22,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use http_body_util::BodyExt;
 use serde_json::{Map, Value, json};
 

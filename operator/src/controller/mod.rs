@@ -892,6 +892,37 @@ mod tests {
                 vec!["y/c".to_string()]
             )
         );
+        // Tenants: their last status, by deletion and by relist.
+        let tenant = |name: &str| {
+            serde_json::from_value::<Tenant>(serde_json::json!({
+                "apiVersion": "parley.dev/v1alpha1", "kind": "Tenant",
+                "metadata": {"namespace": "x", "name": name},
+                "spec": {},
+            }))
+        };
+        let (t1, t2, t3) = (tenant("t1")?, tenant("t2")?, tenant("t3")?);
+        for t in [&t1, &t2, &t3] {
+            if let Ok(mut known) = ctx.tenant_status.lock() {
+                known.insert(object_key(t), (None, Default::default()));
+            }
+        }
+        let statuses = |ctx: &Context| {
+            let mut keys: Vec<String> = ctx
+                .tenant_status
+                .lock()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.sort();
+            keys
+        };
+        ctx.forget(Gone::Deleted(&t1));
+        assert_eq!(statuses(&ctx), vec!["Tenant/x/t2", "Tenant/x/t3"]);
+        let (reader, mut writer) = kube::runtime::reflector::store::<Tenant>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(t3.clone()));
+        ctx.forget(Gone::AllBut(&reader));
+        assert_eq!(statuses(&ctx), vec!["Tenant/x/t3"]);
+        // The Tenant's failure count went with the relist (it named x/a, now absent).
+        assert_eq!(kept(&ctx).0, vec!["Chatbot/y/c".to_string()]);
         Ok(())
     }
 
