@@ -172,7 +172,7 @@ pub struct IoClock {
 pub struct ConnTiming(pub Arc<IoClock>);
 
 impl ConnTiming {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(Arc::new(IoClock {
             created: now_ns(),
             ..IoClock::default()
@@ -239,8 +239,14 @@ impl TimedTcp {
         Self::with_clock(inner, ConnTiming::new())
     }
 
-    fn with_clock(inner: TcpStream, clock: ConnTiming) -> Self {
+    /// Wraps `inner` with `clock` (started before the connect).
+    pub(crate) fn with_clock(inner: TcpStream, clock: ConnTiming) -> Self {
         Self { inner, clock }
+    }
+
+    /// The socket.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.inner
     }
 
     /// The clock.

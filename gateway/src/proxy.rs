@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use parley_crds::gateway_config::{ModelKind, Provider};
 use serde_json::{Map, Value};
 use tokio::time::timeout_at;
@@ -495,7 +495,7 @@ async fn attempt(
             HeaderValue::from_static("text/event-stream"),
         );
     }
-    let request = builder.body(Full::new(Bytes::from(body))).map_err(|e| {
+    let request = builder.body(Bytes::from(body)).map_err(|e| {
         AttemptError::Fatal(ApiError::new(
             ErrorKind::Internal,
             format!("building the upstream request: {e}"),

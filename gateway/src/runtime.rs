@@ -26,6 +26,7 @@ use crate::ledger::Ledger;
 use crate::metrics::{BackendLabels, Label, Metrics};
 use crate::redis_state::{self, Redis};
 use crate::upstream::Upstream;
+use crate::upstream::http1::Http1Client;
 
 /// The HTTP client used for upstream calls (HTTP/1.1 and HTTP/2, TLS via rustls).
 pub type HttpClient =
@@ -233,7 +234,8 @@ impl Shared {
             .entry((connect_ms, h2c))
             .or_insert_with(|| {
                 let tls = self.tls.clone();
-                Upstream::new(move || build_client(connect_ms, &tls, h2c))
+                let http1 = (!h2c).then(|| Http1Client::new(Duration::from_millis(connect_ms)));
+                Upstream::new(move || build_client(connect_ms, &tls, h2c), http1)
             })
             .clone()
     }

@@ -1,5 +1,6 @@
-//! Upstream connections: hyper's pooled client in lanes, so that the streams to one host
-//! spread over several HTTP/2 connections.
+//! Upstream connections: plain `http://` upstreams over [`http1`], a lean HTTP/1.1
+//! client; `https://` and h2c upstreams over hyper's pooled client in lanes, so that the
+//! streams to one host spread over several HTTP/2 connections.
 //!
 //! hyper-util's client keeps one HTTP/2 connection per host, and the server's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` caps the streams on it (RFC 9113 asks for at least
@@ -8,8 +9,10 @@
 //! (one pool, so one HTTP/2 connection per host); a request goes to the first lane with
 //! fewer than [`STREAMS_PER_LANE`] requests in flight, so no connection is asked for more
 //! streams than any compliant server allows, and a lane is only built once the lanes
-//! before it are full. With HTTP/1.1 (a connection per request in flight anyway) lanes
-//! change nothing but which pool a connection idles in.
+//! before it are full. With HTTP/1.1 over TLS (a connection per request in flight anyway)
+//! lanes change nothing but which pool a connection idles in.
+
+pub mod http1;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -20,6 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use self::http1::{Http1Body, Http1Client, Http1Error};
 use crate::runtime::HttpClient;
 
 /// Requests in flight on a lane before the next lane takes new ones: the least
@@ -33,6 +37,8 @@ pub const MAX_LANES: usize = 64;
 #[derive(Clone)]
 pub struct Upstream {
     lanes: Arc<Lanes>,
+    /// For `http://` URLs, unless the backend asks for h2c.
+    http1: Option<Http1Client>,
 }
 
 struct Lanes {
@@ -48,27 +54,39 @@ struct Lane {
 }
 
 impl Upstream {
-    /// Lanes whose clients `build` makes when first needed.
-    pub fn new(build: impl Fn() -> HttpClient + Send + Sync + 'static) -> Self {
+    /// Lanes whose clients `build` makes when first needed; `http1`: the client for
+    /// `http://` URLs (`None`: hyper's, in lanes, as for h2c).
+    pub fn new(
+        build: impl Fn() -> HttpClient + Send + Sync + 'static,
+        http1: Option<Http1Client>,
+    ) -> Self {
         Self {
             lanes: Arc::new(Lanes {
                 build: Box::new(build),
                 lanes: (0..MAX_LANES).map(|_| Lane::default()).collect(),
             }),
+            http1,
         }
     }
 
-    /// Sends `request` on the first lane with room. The lane counts it until the
-    /// response's body is finished or dropped (or the request fails).
+    /// Sends `request`: over [`http1`] for an `http://` URL when this upstream has it,
+    /// else on the first lane with room, which counts it until the response's body is
+    /// finished or dropped (or the request fails).
     pub async fn request(
         &self,
-        request: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        if let Some(http1) = &self.http1
+            && request.uri().scheme() == Some(&http::uri::Scheme::HTTP)
+        {
+            let response = http1.request(request).await?;
+            return Ok(response.map(|body| UpstreamBody(Inner::Http1(body))));
+        }
         let taken = self.take_lane();
         let lane = &self.lanes.lanes[taken.index];
         let client = lane.client.get_or_init(|| (self.lanes.build)());
-        let response = client.request(request).await?;
-        Ok(response.map(|body| UpstreamBody { body, _lane: taken }))
+        let response = client.request(request.map(Full::new)).await?;
+        Ok(response.map(|body| UpstreamBody(Inner::Pooled { body, _lane: taken })))
     }
 
     /// The first lane with fewer than [`STREAMS_PER_LANE`] in flight (counted in), else
@@ -132,29 +150,66 @@ impl Drop for LaneTaken {
     }
 }
 
-/// An upstream response body; its request leaves its lane when this is dropped.
-pub struct UpstreamBody {
-    body: Incoming,
-    _lane: LaneTaken,
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Pooled(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Http1(#[from] Http1Error),
+    #[error(transparent)]
+    Body(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    /// No connection was made (so the request was not sent).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Pooled(e) => e.is_connect(),
+            Self::Http1(e) => e.is_connect(),
+            Self::Body(_) => false,
+        }
+    }
+}
+
+/// An upstream response body; a pooled request leaves its lane when this is dropped.
+pub struct UpstreamBody(Inner);
+
+enum Inner {
+    Pooled { body: Incoming, _lane: LaneTaken },
+    Http1(Http1Body),
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        match &mut self.0 {
+            Inner::Pooled { body, .. } => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(UpstreamError::Body))),
+            Inner::Http1(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(UpstreamError::Http1))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.0 {
+            Inner::Pooled { body, .. } => body.is_end_stream(),
+            Inner::Http1(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.0 {
+            Inner::Pooled { body, .. } => body.size_hint(),
+            Inner::Http1(body) => body.size_hint(),
+        }
     }
 }
 
@@ -164,9 +219,10 @@ mod tests {
 
     fn upstream() -> Result<Upstream, String> {
         let tls = crate::runtime::tls_config()?;
-        Ok(Upstream::new(move || {
-            crate::runtime::build_client(1000, &tls, false)
-        }))
+        Ok(Upstream::new(
+            move || crate::runtime::build_client(1000, &tls, false),
+            None,
+        ))
     }
 
     #[test]
