@@ -468,7 +468,10 @@ pub async fn serve<S>(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .max_buf_size(64 * 1024)
+        // hyper's smallest: the read buffer of an HTTP/1.1 connection stays 8 KiB instead
+        // of growing to 16 KiB while a response streams (8 KiB a stream), and a request
+        // head may be up to 8 KiB (else 431).
+        .max_buf_size(8192)
         .max_headers(128)
         // Small JSON answers: one flattened write beats a vectored one.
         .writev(false)

@@ -711,11 +711,27 @@ impl Body for Http1Body {
             let Some(io) = this.io.as_mut() else {
                 return Poll::Ready(None);
             };
+            if this.buf.is_empty() {
+                // Nothing buffered: no buffer is held until the socket has bytes, so a
+                // stream waiting for its next chunk holds none.
+                this.buf = BytesMut::new();
+                match io.tcp().poll_read_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return this.fail(e.into()),
+                    Poll::Ready(Ok(())) => {}
+                }
+            }
             if this.buf.capacity() == this.buf.len() {
                 this.buf.reserve(READ_SIZE);
             }
             match tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut this.buf) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if this.buf.is_empty() {
+                        // The readiness was stale.
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return this.fail(e.into()),
                 Poll::Ready(Ok(0)) if this.decoder == Decoder::UntilClose => {
                     this.reusable = false;
@@ -1011,6 +1027,10 @@ mod tests {
         let mut body = client.request(post(&addr, "")).await.unwrap().into_body();
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "abc");
+        // Waiting for the next chunk, the stream holds no read buffer.
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        assert_eq!(body.buf.capacity(), 0);
         drop(body);
         assert_eq!(client.idle_count(), 0);
         let r = client.request(post(&addr, "")).await.unwrap();
