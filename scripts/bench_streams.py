@@ -285,6 +285,14 @@ def many_streams(work) -> list[str]:
             up = "h2c" if r["h2c"] else "HTTP/1.1"
             bars.append(f"{r['n']:,} streams over {r['proto']} with {up} upstreams: **{r['gw']['errors']} errors**, "
                         f"RSS **{at_open:.0f} MiB** with all open (bar 256 MiB: **{'met' if at_open < 256 else 'missed'}**)")
+        elif r["proto"] == "HTTP/1.1" and r["n"] == max(x["n"] for x in runs if x["proto"] == "HTTP/1.1"):
+            # The open-files limit stops HTTP/1.1 short of the bar's count: the most it held,
+            # and what its cost a stream comes to at the bar's count.
+            at_open = r["at_open"] if r["at_open"] is not None else r["peak"]
+            per = (at_open - r["idle"]) / r["n"]
+            bars.append(f"{r['n']:,} streams over HTTP/1.1 with HTTP/1.1 upstreams (the most this machine's open-files "
+                        f"limit allows): **{r['gw']['errors']} errors**, RSS **{at_open:.0f} MiB** with all open, which at "
+                        f"{per * 1024:.1f} KiB a stream comes to **{r['idle'] + per * STREAMS:.0f} MiB** at {STREAMS:,}")
     bars.append("TTFT added one stream at a time: see `## Time to first token`")
     lines += ["Against the bars (this run): " + "; ".join(bars) + ".", ""]
     lines += MEMORY_NOTES
@@ -292,30 +300,30 @@ def many_streams(work) -> list[str]:
 
 
 # Where the bytes of an open stream go: a heap census, not something this script measures.
-# Taken on 2026-12-02 with the gateway built with a counting global allocator (live blocks
-# by exact size, read while 2,000 HTTP/2 streams were open); keep it true when it changes.
+# Taken on 2026-12-03 with heaptrack (the gateway built with the system allocator: heaptrack
+# does not see mimalloc) at the peak of 1,000 HTTP/1.1 streams with HTTP/1.1 upstreams;
+# keep it true when it changes.
 MEMORY_NOTES = [
-    "Where the memory of an open stream goes (a census of live heap blocks by size, taken once",
-    "with a counting global allocator while 2,000 HTTP/2 streams with HTTP/1.1 upstreams were",
-    "open; not redone by this script):",
-    "- The upstream HTTP/1.1 connection, one per stream, is about 27 KiB of the ~35: hyper's",
-    "  8 KiB read buffer and 8 KiB write buffer (`INIT_BUFFER_SIZE`, allocated per connection,",
-    "  no builder setting lowers them short of capping the size of a response head), an 8,992-byte",
-    "  block (by its size, the first block of the connection's request channel: hyper's dispatch",
-    "  is a tokio mpsc channel whose blocks hold 32 requests of ~280 bytes), a ~1.7 KiB block (by",
-    "  its size, the cached response header map) and the connection's task. The same blocks stay",
-    "  with every idle pooled connection (up to 256 a host).",
-    "- Everything else of a stream over a client HTTP/2 connection is ~3.5 KiB: the h2 stream",
-    "  task (~0.9 KiB), the relay's state (768 bytes: translator, SSE parser, upstream body,",
-    "  accounting), h2's per-stream state and the request's headers.",
-    "- So with HTTP/1.1 upstreams the gateway cannot go much under ~30 KiB a stream with hyper;",
-    "  with h2c upstreams (or `https://` providers, which negotiate HTTP/2 by ALPN) the",
-    "  upstream half nearly vanishes: ~5-7 KiB a stream. hyper-util's pool keeps one HTTP/2",
-    "  connection per host, so every stream to a host shares it and the upstream must allow that",
-    "  many concurrent streams on one connection (the mock allows any number; hosted providers",
-    "  typically allow 100-250, beyond which h2 holds new streams until one ends).",
-    "- The mock alone (hyper HTTP/1.1 server, glibc malloc) held 3,000 HTTP/1.1 streams at",
-    "  23 KiB each: the floor of a hyper server connection with its task.",
+    "Where the memory of an open stream goes (a heaptrack census of the live heap at the peak of",
+    "1,000 HTTP/1.1 streams with HTTP/1.1 upstreams, 2026-12-03; not redone by this script):",
+    "24 MiB of heap, about 22 KiB a stream (34.5 MiB before the three changes below):",
+    "- The client's HTTP/1.1 connection (hyper's server), ~19 KiB: an 8 KiB read buffer and an",
+    "  8 KiB write buffer (`INIT_BUFFER_SIZE`, allocated per connection; no setting lowers the",
+    "  write buffer, of which a stream writes only its response head), the connection's task",
+    "  (2.3 KiB), the cached response header map (1.2 KiB) and hyper's dispatch state (0.7 KiB).",
+    "  The read buffer was 16 KiB (it grew while the response streamed) until `max_buf_size`",
+    "  was set to hyper's least, 8 KiB, which is also the largest request head accepted over",
+    "  HTTP/1.1; the task was 4.5 KiB while it was an `async` block that held the connection",
+    "  twice (captured and awaited).",
+    "- The upstream HTTP/1.1 connection (`gateway/src/upstream/http1.rs`): its socket and",
+    "  clock, under 0.5 KiB; no buffer between chunks. With hyper's client it was ~27 KiB: 8 KiB",
+    "  read and 8 KiB write buffers, the first block of the dispatch channel (8,992 bytes), a",
+    "  cached header map and the connection's task.",
+    "- The relay, ~2 KiB: the boxed response body stream (0.9 KiB), the SSE parser (0.5 KiB),",
+    "  the translator (0.45 KiB), accounting.",
+    "- Over client HTTP/2 the client's half is h2's per-stream state and the stream's task",
+    "  (~3.5 KiB), so a stream there is ~5 KiB with either upstream protocol; RSS runs above",
+    "  the live heap by what the allocator keeps of the opening burst.",
     "",
     "`PARLEY_MAX_CONCURRENT_REQUESTS=30000` is only a precaution: the shed limit counts handlers",
     "up to a stream's response head, not open streams (a run with the default 1,024 held the same",
