@@ -54,8 +54,25 @@ http {{
 """
 
 
+# A section's hand-written notes (what a run's numbers mean, how they got there) sit between
+# these lines; a rerun replaces the section's measured lines and keeps its notes after them.
+NOTES_BEGIN = "<!-- notes: written by hand, kept when the bench scripts rewrite this section -->"
+NOTES_END = "<!-- /notes -->"
+
+
+def section_notes(section: list[str]) -> list[str]:
+    """The notes block of a section's lines, markers included (empty if it has none)."""
+    try:
+        begin = section.index(NOTES_BEGIN)
+        end = section.index(NOTES_END, begin)
+    except ValueError:
+        return []
+    return section[begin:end + 1]
+
+
 def write_section(title: str, lines: list[str]) -> None:
-    """Replaces (or appends) the `## ` section `title` of BENCHMARKS.md by `lines`."""
+    """Replaces (or appends) the `## ` section `title` of BENCHMARKS.md by `lines`, keeping
+    the section's notes (see `NOTES_BEGIN`)."""
     path = REPO / "BENCHMARKS.md"
     existing = path.read_text().splitlines() if path.exists() else []
     start_i = next((i for i, l in enumerate(existing) if l.strip() == title), None)
@@ -63,6 +80,8 @@ def write_section(title: str, lines: list[str]) -> None:
         out = existing + ([""] if existing else []) + lines
     else:
         end_i = next((i for i in range(start_i + 1, len(existing)) if existing[i].startswith("## ")), len(existing))
+        notes = section_notes(existing[start_i:end_i])
+        lines = lines + ([""] + notes if notes else [])
         out = existing[:start_i] + lines + ([""] + existing[end_i:] if end_i < len(existing) else [])
     path.write_text("\n".join(out) + "\n")
     print("\n".join(lines))

@@ -559,17 +559,9 @@ def time_to_first_token(work) -> list[str]:
 
 
 def write_section(lines: list[str]):
-    """Replaces (or appends) the `## <title>` section of BENCHMARKS.md."""
-    path = REPO / "BENCHMARKS.md"
-    text = path.read_text().splitlines() if path.exists() else ["# Benchmarks", ""]
-    title = lines[0]
-    if title in text:
-        i = text.index(title)
-        j = next((k for k in range(i + 1, len(text)) if text[k].startswith("## ")), len(text))
-        text[i:j] = lines + ([""] if j < len(text) else [])
-    else:
-        text += [""] + lines
-    path.write_text("\n".join(text).rstrip("\n") + "\n")
+    """Replaces (or appends) the `## <title>` section of BENCHMARKS.md, keeping its notes."""
+    from bench import write_section as write
+    write(lines[0], lines)
 
 
 def main() -> int:
@@ -581,15 +573,12 @@ def main() -> int:
     print(f"work dir {work}; machine: {os.cpu_count()} cores, load {load()}", flush=True)
     if a.only in (None, "ttft"):
         lines = time_to_first_token(work)
-        print("\n".join(lines), flush=True)
         write_section(lines)
     if a.only in (None, "streams"):
         lines = many_streams(work)
-        print("\n".join(lines), flush=True)
         write_section(lines)
     if a.only in (None, "config"):
         lines = big_configs(work)
-        print("\n".join(lines), flush=True)
         write_section(lines)
     return 0
 
