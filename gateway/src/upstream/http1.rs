@@ -291,10 +291,16 @@ async fn reap(pool: Weak<Pool>) {
     loop {
         every.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        let now = Instant::now();
+        pool.close_expired(Instant::now());
+    }
+}
+
+impl Pool {
+    /// Closes every connection idle for [`IDLE_TIMEOUT`] at `now`.
+    fn close_expired(&self, now: Instant) {
         let mut closing = Vec::new();
         {
-            let mut hosts = pool.idle.lock();
+            let mut hosts = self.idle.lock();
             for conns in hosts.values_mut() {
                 while conns
                     .front()
@@ -305,6 +311,7 @@ async fn reap(pool: Weak<Pool>) {
             }
             hosts.retain(|_, conns| !conns.is_empty());
         }
+        // Closed outside the lock (a syscall each).
         drop(closing);
     }
 }
@@ -1087,6 +1094,49 @@ mod tests {
                 .to_string()
                 .contains(&format!("127.0.0.1:{port}"))
         );
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_its_limit_and_closes_what_idled_too_long() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let authority: Authority = addr.to_string().parse().unwrap();
+        let client = Http1Client::new(Duration::from_secs(1));
+        let mut peers = Vec::new();
+        for _ in 0..MAX_IDLE_PER_HOST + 2 {
+            let io = TimedTcp::new(TcpStream::connect(addr).await.unwrap());
+            peers.push(listener.accept().await.unwrap().0);
+            client.pool.checkin(authority.clone(), io);
+        }
+        assert_eq!(client.idle_count(), MAX_IDLE_PER_HOST);
+        // Not yet expired: nothing closes.
+        client.pool.close_expired(Instant::now());
+        assert_eq!(client.idle_count(), MAX_IDLE_PER_HOST);
+        // Idle for IDLE_TIMEOUT: the reaper closes them all and forgets the host...
+        client.pool.close_expired(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(client.idle_count(), 0);
+        assert!(client.pool.idle.lock().is_empty());
+        // ...and the peers see them closed: the two over the limit first, then the rest.
+        for mut peer in peers {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(1), peer.read(&mut byte)).await;
+            assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        }
+        // A connection too old to take out is closed on checkout instead.
+        let io = TimedTcp::new(TcpStream::connect(addr).await.unwrap());
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let old = Instant::now()
+            .checked_sub(IDLE_TIMEOUT)
+            .unwrap_or_else(Instant::now);
+        client
+            .pool
+            .idle
+            .lock()
+            .entry(authority.clone())
+            .or_default()
+            .push_back(Idle { io, since: old });
+        assert!(client.checkout(&authority).is_none());
+        assert!(matches!(peer.read(&mut [0u8; 1]).await, Ok(0)));
     }
 
     #[test]
